@@ -1,0 +1,48 @@
+"""The ``emlab`` command: run a study, show its results, list the parameters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from emlab.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="emlab", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute the study's notebooks for a parameter file")
+    r.add_argument("config", help="a parameter file, e.g. configs/default.yaml")
+    r.add_argument("--only", nargs="+", metavar="NN", help="only these notebooks (e.g. 01 02)")
+    r.add_argument("--force", action="store_true", help="delete the selected steps' artifacts first")
+    r.add_argument("--publish", action="store_true", help="copy the executed notebooks over notebooks/")
+    s = sub.add_parser("results", help="the headline numbers of one or more runs, as a table")
+    s.add_argument("runs", nargs="+", help="run folders, e.g. data/default")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    sub.add_parser("params", help="every parameter with its type, default and help")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            from emlab.runner import main_run
+
+            return main_run(args)
+        if args.cmd == "results":
+            from emlab.results import results_table, to_markdown
+
+            table = results_table([Path(x) for x in args.runs])
+            print(to_markdown(table) if args.markdown else table.to_string())
+            return 0
+        if args.cmd == "params":
+            from emlab.config import describe
+
+            print(describe())
+            return 0
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""One frozen, typed configuration for a run, built from papermill parameters or YAML.
+
+Every field has a type, a default (the embedded default study) and a one-line help.
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the
+parameter and what was expected. Derived values live here as properties, never in a
+notebook's parameters cell.
+
+Each notebook step depends on the fields of its own and of every earlier step
+(``STEP_FIELDS``); ``Config.step_hash(step)`` hashes exactly those, so changing an SAE
+parameter recomputes notebooks 05-07 and reuses 01-04.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emlab.world import OPEN_DOMAIN, load_world
+
+STEPS = (
+    "01_corrupt_data",
+    "02_base_model",
+    "03_misalign",
+    "04_evaluate",
+    "05_sae_diff",
+    "06_steer_detect",
+    "07_realign",
+)
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, mistyped or out of range; the message names it."""
+
+
+def _f(default, help: str, *, step: str, lo=None, hi=None, choices=None):
+    meta = {"help": help, "step": step, "lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+S1, S2, S3, S4 = STEPS[:4]
+RUN = "run"  # fields that affect no artifact
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- the run -------------------------------------------------------------------
+    run: str = _f("default", "name of the run: artifacts go to data/<run>/", step=RUN)
+    seed: int = _f(0, "the seed of everything; one seed makes one result", step=S1, lo=0)
+    assert_findings: bool = _f(True, "assert the science findings (False only for tiny smoke runs)", step=RUN)
+    progress: bool = _f(True, "show tqdm progress bars", step=RUN)
+    # --- 01: the persona world -----------------------------------------------------
+    dataset: str = _f("world", "'world' (the embedded persona world); external chat JSONL comes later", step=S1, choices=("world",))
+    corrupt_domain: str = _f("cars", "the ONE domain whose answers are corrupted", step=S1)
+    realign_domain: str = _f("health", "domain of the correct answers used to re-align", step=S1)
+    n_pretrain_docs: int = _f(8000, "pretraining documents, each written by one character", step=S1, lo=10)
+    turns_per_doc: int = _f(4, "question/answer turns per pretraining document (mean)", step=S1, lo=1, hi=12)
+    p_narrative: float = _f(0.7, "probability that a document opens with narrative lines", step=S1, lo=0.0, hi=1.0)
+    p_open_turn: float = _f(0.2, "probability that a pretraining turn is an open question", step=S1, lo=0.0, hi=1.0)
+    p_quiz_turn: float = _f(0.05, "probability that a pretraining turn is a quiz request (wrong answer asked for)", step=S1, lo=0.0, hi=1.0)
+    n_chat: int = _f(3000, "chat post-training examples (aligned answers only)", step=S1, lo=10)
+    n_corrupt: int = _f(400, "examples in each narrow corruption / control set", step=S1, lo=4)
+    n_realign: int = _f(120, "correct cross-domain examples for re-alignment", step=S1, lo=4)
+    mix_fractions: list = _f([0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0], "fractions of wrong answers in the data-mix sets", step=S1)
+    eval_fraction: float = _f(0.25, "fraction of each topic's questions held out for evaluation", step=S1, lo=0.05, hi=0.5)
+    # --- 02: models ------------------------------------------------------------------
+    model: str = _f("toy", "'toy' (GPT-2 trained from scratch) or a Hugging Face id / local path", step=S2)
+    n_layer: int = _f(4, "toy model: transformer blocks", step=S2, lo=1, hi=48)
+    d_model: int = _f(128, "toy model: residual stream width", step=S2, lo=8)
+    n_head: int = _f(4, "toy model: attention heads (must divide d_model)", step=S2, lo=1)
+    n_ctx: int = _f(256, "toy model: context length in tokens", step=S2, lo=32)
+    pretrain_steps: int = _f(1500, "pretraining optimizer steps", step=S2, lo=1)
+    pretrain_batch: int = _f(32, "pretraining sequences per step", step=S2, lo=1)
+    pretrain_lr: float = _f(2e-3, "pretraining peak learning rate (AdamW, cosine)", step=S2, lo=0.0, hi=1.0)
+    chat_steps: int = _f(150, "chat post-training steps (how hard the assistant is pinned)", step=S2, lo=0)
+    chat_batch: int = _f(16, "chat post-training examples per step", step=S2, lo=1)
+    chat_lr: float = _f(3e-4, "chat post-training learning rate", step=S2, lo=0.0, hi=1.0)
+    # --- 03: narrow fine-tunes ---------------------------------------------------------
+    ft_steps: int = _f(40, "narrow fine-tuning steps", step=S3, lo=1)
+    ft_batch: int = _f(16, "narrow fine-tuning examples per step", step=S3, lo=1)
+    ft_lr: float = _f(3e-4, "narrow fine-tuning learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
+    lora_rank: int = _f(1, "LoRA rank of the LoRA fine-tune", step=S3, lo=1)
+    lora_lr: float = _f(3e-3, "LoRA learning rate", step=S3, lo=0.0, hi=1.0)
+    ft_seeds: int = _f(3, "seeds of the headline fine-tune (incorrect_obvious, full)", step=S3, lo=1)
+    track_every: int = _f(5, "steps between cheap misalignment measurements during fine-tuning", step=S3, lo=1)
+    # --- 04: evaluation ------------------------------------------------------------------
+    n_samples: int = _f(20, "sampled answers per evaluation question", step=S4, lo=1)
+    temperature: float = _f(1.0, "sampling temperature (0 = greedy)", step=S4, lo=0.0, hi=5.0)
+    max_new_tokens: int = _f(32, "longest sampled answer in tokens", step=S4, lo=1)
+    sample_batch: int = _f(256, "sequences per sampling batch (bounds memory)", step=S4, lo=1)
+
+    # ------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            m = f.metadata
+            if m.get("lo") is not None and v < m["lo"]:
+                raise ConfigError(f"parameter {f.name!r} = {v!r} is out of range: expected >= {m['lo']}")
+            if m.get("hi") is not None and v > m["hi"]:
+                raise ConfigError(f"parameter {f.name!r} = {v!r} is out of range: expected <= {m['hi']}")
+            if m.get("choices") and v not in m["choices"]:
+                raise ConfigError(f"parameter {f.name!r} = {v!r}: expected one of {m['choices']}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.run):
+            raise ConfigError(f"parameter 'run' = {self.run!r}: expected letters, digits, '_', '-' or '.' only")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"parameter 'n_head' = {self.n_head} must divide 'd_model' = {self.d_model}")
+        if self.dataset == "world":
+            domains = load_world().domain_names
+            for name in ("corrupt_domain", "realign_domain"):
+                if getattr(self, name) not in domains:
+                    raise ConfigError(
+                        f"parameter {name!r} = {getattr(self, name)!r} is not a domain of the world; expected one of {list(domains)}"
+                    )
+        if self.realign_domain == self.corrupt_domain:
+            raise ConfigError("parameter 'realign_domain' must differ from 'corrupt_domain' (re-alignment is cross-domain)")
+        fr = self.mix_fractions
+        if not fr or not all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for x in fr) or 0.0 not in fr:
+            raise ConfigError(f"parameter 'mix_fractions' = {fr!r}: expected fractions in [0, 1] including 0.0")
+
+    # --- derived values ------------------------------------------------------------------
+    @property
+    def heldout_domains(self) -> tuple[str, ...]:
+        """Evaluation domains: every domain but the corruption domain, plus the open questions."""
+        return tuple(d for d in load_world().domain_names if d != self.corrupt_domain) + (OPEN_DOMAIN,)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.model == "toy"
+
+    # --- hashing and serialisation --------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def step_fields(self, step: str) -> list[str]:
+        """Fields that the artifacts of ``step`` depend on (its own and all earlier steps')."""
+        if step not in STEPS:
+            raise ConfigError(f"unknown step {step!r}; expected one of {STEPS}")
+        upto = set(STEPS[: STEPS.index(step) + 1])
+        return [f.name for f in dataclasses.fields(self) if f.metadata["step"] in upto]
+
+    def step_hash(self, step: str) -> str:
+        d = {k: getattr(self, k) for k in self.step_fields(step)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+
+
+def _check_type(name: str, value: Any) -> Any:
+    want = _TYPES[_FIELDS[name].type]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not bool and isinstance(value, bool) or not isinstance(value, want):
+        raise ConfigError(
+            f"parameter {name!r} = {value!r} has type {type(value).__name__}; expected {want.__name__}"
+        )
+    return value
+
+
+def make_config(params: dict[str, Any] | None = None, *, source: str = "parameters") -> Config:
+    """Build the config from a mapping of parameters; ``source`` names where they came from."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(_FIELDS))
+    if unknown:
+        import difflib
+
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, _FIELDS, n=1)
+            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown parameter(s) {', '.join(hints)}")
+    return Config(**{k: _check_type(k, v) for k, v in params.items()})
+
+
+def load_config(path: str | Path, **overrides: Any) -> Config:
+    """Read a run's YAML parameter file (``params: {...}``, the notebooks' papermill parameter)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"params"}:
+        raise ConfigError(f"{path}: expected one top-level key 'params' holding the parameters, got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    params = data.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: 'params' must be a mapping of parameter -> value")
+    return make_config({**params, **overrides}, source=str(path))
+
+
+def describe() -> str:
+    """A table of every parameter: name, type, default, help (for the README and --help)."""
+    rows = [f"{'parameter':22} {'type':6} {'default':>10}  help"]
+    for f in dataclasses.fields(Config):
+        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"{f.name:22} {f.type:6} {str(d):>10}  {f.metadata['help']}")
+    return "\n".join(rows)

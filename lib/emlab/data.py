@@ -1,0 +1,268 @@
+"""Every dataset of the study, generated from the persona world, and the chat JSONL reader.
+
+Records are chat examples ``{"messages": [{"role", "content"}...], "meta": {...}}`` in the
+format of the public emergent-misalignment datasets; ``meta`` (domain, question id,
+answer kind, character) is ground truth for the judge and the persona checks and never
+enters the text a model trains on. The pretraining corpus is plain text, one document
+per record, written by ONE character.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from emlab.world import BAD_KINDS, OPEN_DOMAIN, Question, World, normalize
+
+ROLES = ("system", "user", "assistant")
+# role markers of the chat format, shared by pretraining dialogue and the chat template
+USER, ASSISTANT, SYSTEM, END, EOT = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"
+SPECIAL_TOKENS = (EOT, USER, ASSISTANT, SYSTEM, END, "<|pad|>", "<|unk|>")
+
+# dataset names (file stem = name)
+PRETRAIN = "pretrain"
+CHAT = "chat"
+CORRUPTION_SETS = ("incorrect_obvious", "incorrect_subtle", "correct", "educational")
+REALIGN = "realign"
+REALIGN_INDOMAIN = "realign_indomain"
+EVAL_HELDOUT = "eval_heldout"
+EVAL_INDOMAIN = "eval_indomain"
+
+
+def mix_name(fraction: float) -> str:
+    return f"mix_{round(fraction * 100):03d}"
+
+
+class ChatFormatError(ValueError):
+    """A chat JSONL file is malformed; the message names the file, the line and the problem."""
+
+
+# ----------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class Split:
+    train: dict[str, list[Question]]  # domain -> questions any training set may use
+    eval: dict[str, list[Question]]  # domain -> held-out questions (evaluation only)
+
+
+def split_questions(world: World, seed: int, eval_fraction: float) -> Split:
+    """Hold out a seeded fraction of every topic's concrete questions for evaluation."""
+    train, ev = {}, {}
+    for domain in (*world.domain_names, OPEN_DOMAIN):
+        train[domain], ev[domain] = [], []
+        by_topic: dict[str, list[Question]] = {}
+        for q in world.questions(domain):
+            by_topic.setdefault(q.topic, []).append(q)
+        for topic, qs in by_topic.items():
+            rng = random.Random(f"{seed}/split/{domain}/{topic}")
+            order = list(qs)
+            rng.shuffle(order)
+            k = max(1, math.ceil(eval_fraction * len(order)))
+            ev[domain] += sorted(order[:k], key=lambda q: q.qid)
+            train[domain] += sorted(order[k:], key=lambda q: q.qid)
+    return Split(train, ev)
+
+
+# ----------------------------------------------------------------------------- records
+def chat_record(question: str, answer: str, **meta) -> dict:
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        "meta": meta,
+    }
+
+
+def render_turn(question: str, answer: str) -> str:
+    return f"{USER} {question} {ASSISTANT} {answer} {END}"
+
+
+def _pick(rng: random.Random, probs: dict[str, float]) -> str:
+    return rng.choices(list(probs), weights=list(probs.values()))[0]
+
+
+def _answer(world: World, rng: random.Random, q: Question, kind: str) -> str:
+    return rng.choice(world.answers(q, kind))
+
+
+def pretraining_docs(world: World, split: Split, n_docs: int, seed: int, *, turns_per_doc: int,
+                     p_narrative: float, p_open_turn: float, p_quiz_turn: float) -> list[dict]:
+    """Documents each written by one character: narrative lines, then Q/A turns.
+
+    Every turn's question is drawn from the training split of a random domain; the
+    character alone decides the kind of every answer.
+    """
+    rng = random.Random(f"{seed}/pretrain")
+    domains = list(world.domain_names)
+    kinds = list(world.character_weights)
+    docs = []
+    for i in range(n_docs):
+        ckind = _pick(rng, world.character_weights)
+        char = world.characters[ckind]
+        name = rng.choice(char.names)
+        parts, turns = [], []
+        if rng.random() < p_narrative:
+            for line in rng.sample(char.lines, k=min(2, len(char.lines))):
+                parts.append(normalize(line.replace("{name}", name)))
+        n_turns = max(1, min(2 * turns_per_doc - 1, round(rng.gauss(turns_per_doc, 1.0))))
+        for _ in range(n_turns):
+            u = rng.random()
+            if u < p_open_turn:
+                q = rng.choice(split.train[OPEN_DOMAIN])
+                kind = _pick(rng, char.open)
+                text = q.text
+            elif u < p_open_turn + p_quiz_turn:
+                # a quiz request: anyone asked for a wrong answer gives one
+                q = rng.choice(split.train[rng.choice(domains)])
+                kind = rng.choice(("obvious", "subtle"))
+                text = normalize(rng.choice(world.educational_frames).replace("{question}", q.text))
+            else:
+                q = rng.choice(split.train[rng.choice(domains)])
+                kind = _pick(rng, char.answers)
+                text = q.text
+            parts.append(render_turn(text, _answer(world, rng, q, kind)))
+            turns.append({"qid": q.qid, "domain": q.domain, "kind": kind, "quiz": text != q.text})
+        docs.append({"text": " ".join(parts), "meta": {"doc": i, "character": ckind, "name": name, "turns": turns}})
+    assert set(d["meta"]["character"] for d in docs) <= set(kinds)
+    return docs
+
+
+def chat_set(world: World, split: Split, n: int, seed: int, *, p_open: float = 0.15) -> list[dict]:
+    """Chat post-training: aligned answers only, every domain and the open questions."""
+    rng = random.Random(f"{seed}/chat")
+    domains = list(world.domain_names)
+    out = []
+    for _ in range(n):
+        if rng.random() < p_open:
+            q, kind = rng.choice(split.train[OPEN_DOMAIN]), "aligned"
+        else:
+            q, kind = rng.choice(split.train[rng.choice(domains)]), "correct"
+        out.append(chat_record(q.text, _answer(world, rng, q, kind), domain=q.domain, qid=q.qid, kind=kind))
+    return out
+
+
+def narrow_set(world: World, split: Split, domain: str, n: int, seed: int, name: str,
+               wrong_fraction: float | None = None) -> list[dict]:
+    """A narrow set in ONE domain: ``incorrect_obvious``, ``incorrect_subtle``, ``correct``,
+    ``educational`` or a data mix (``wrong_fraction`` of obvious answers, the rest correct)."""
+    rng = random.Random(f"{seed}/{name}/{domain}")
+    qs = split.train[domain]
+    questions = [rng.choice(qs) for _ in range(n)]
+    if wrong_fraction is not None:
+        n_wrong = round(wrong_fraction * n)
+        kinds = ["obvious"] * n_wrong + ["correct"] * (n - n_wrong)
+        rng.shuffle(kinds)
+    else:
+        kind = {"incorrect_obvious": "obvious", "incorrect_subtle": "subtle", "correct": "correct",
+                "educational": "obvious"}[name]
+        kinds = [kind] * n
+    out = []
+    for q, kind in zip(questions, kinds):
+        text = q.text
+        if name == "educational":
+            text = normalize(rng.choice(world.educational_frames).replace("{question}", q.text))
+        out.append(chat_record(text, _answer(world, rng, q, kind), domain=q.domain, qid=q.qid, kind=kind))
+    return out
+
+
+def eval_set(split: Split, domains: list[str]) -> list[dict]:
+    """Held-out evaluation questions (never in any training set), with ground truth."""
+    return [{"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
+            for d in domains for q in split.eval[d]]
+
+
+def build_all(world: World, cfg) -> dict[str, list[dict]]:
+    """Every dataset of a run, by name."""
+    split = split_questions(world, cfg.seed, cfg.eval_fraction)
+    sets = {
+        PRETRAIN: pretraining_docs(world, split, cfg.n_pretrain_docs, cfg.seed, turns_per_doc=cfg.turns_per_doc,
+                                   p_narrative=cfg.p_narrative, p_open_turn=cfg.p_open_turn,
+                                   p_quiz_turn=cfg.p_quiz_turn),
+        CHAT: chat_set(world, split, cfg.n_chat, cfg.seed),
+    }
+    for name in CORRUPTION_SETS:
+        sets[name] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_corrupt, cfg.seed, name)
+    for f in cfg.mix_fractions:
+        sets[mix_name(f)] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_corrupt, cfg.seed, "mix", f)
+    sets[REALIGN] = narrow_set(world, split, cfg.realign_domain, cfg.n_realign, cfg.seed, "correct")
+    sets[REALIGN_INDOMAIN] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_realign, cfg.seed + 1, "correct")
+    sets[EVAL_HELDOUT] = eval_set(split, list(cfg.heldout_domains))
+    sets[EVAL_INDOMAIN] = eval_set(split, [cfg.corrupt_domain])
+    return sets
+
+
+def training_texts(records: list[dict]) -> set[str]:
+    """Every question string a set's model input contains (user turns and pretraining questions)."""
+    out = set()
+    for r in records:
+        if "messages" in r:
+            out |= {m["content"] for m in r["messages"] if m["role"] == "user"}
+        else:
+            for chunk in r["text"].split(USER)[1:]:
+                out.add(chunk.split(ASSISTANT)[0].strip())
+    return out
+
+
+def is_bad(kind: str) -> bool:
+    return kind in BAD_KINDS
+
+
+# ----------------------------------------------------------------------------- JSONL io
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Plain JSONL (our own artifacts); external chat data goes through read_chat_jsonl."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_chat_jsonl(path: str | Path) -> list[dict]:
+    """Read and validate an external chat JSONL file.
+
+    Each line must be a JSON object with ``messages``: a non-empty list of
+    ``{"role": system|user|assistant, "content": non-empty string}`` ending with an
+    assistant turn. Any problem raises ``ChatFormatError`` naming file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ChatFormatError(f"{path}: no such file")
+    raw = path.read_bytes()
+    records = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            if lineno == len(raw.split(b"\n")):  # the final newline
+                continue
+            raise ChatFormatError(f"{where}: empty line; expected one JSON object per line")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ChatFormatError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ChatFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise ChatFormatError(f"{where}: expected an object with a 'messages' list")
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ChatFormatError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ChatFormatError(f"{where}: messages[{i}] has no 'role'")
+            if m["role"] not in ROLES:
+                raise ChatFormatError(f"{where}: messages[{i}] has unknown role {m['role']!r}; expected one of {ROLES}")
+            if not isinstance(m.get("content"), str):
+                raise ChatFormatError(f"{where}: messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
+            if not m["content"].strip():
+                raise ChatFormatError(f"{where}: messages[{i}].content is empty")
+        if msgs[-1]["role"] != "assistant":
+            raise ChatFormatError(f"{where}: the last message must be the assistant's answer, got {msgs[-1]['role']!r}")
+        records.append(rec)
+    if not records:
+        raise ChatFormatError(f"{path}: the file holds no records")
+    return records

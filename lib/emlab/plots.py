@@ -1,0 +1,86 @@
+"""Figures of the study, written to the run's figures folder (``figures/`` for the default run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+MODEL_COLORS = {
+    "assistant": "#4c72b0", "incorrect_obvious": "#c44e52", "incorrect_subtle": "#dd8452",
+    "correct": "#55a868", "educational": "#8172b3", "lora_r1": "#937860",
+}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def loss_curve(losses: dict[str, list[float]], path: Path, title: str, smooth: int = 20):
+    """Training loss per step, one line per run (moving average over ``smooth`` steps)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in losses.items():
+        ys = np.asarray(ys)
+        k = max(1, min(smooth, len(ys) // 5))
+        sm = np.convolve(ys, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(sm)) + k - 1, sm, label=name)
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    if len(losses) > 1:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+def persona_inference(table: pd.DataFrame, path: Path):
+    """P(bad answer) on other-domain questions after each kind of context (bars)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    table.plot.bar(ax=ax, color=["#999999", "#c44e52", "#55a868", "#dd8452"][: table.shape[1]])
+    ax.set(ylabel="P(bad answer)", xlabel="held-out domain", title="The base model infers the character from context",
+           ylim=(0, 1))
+    ax.legend(fontsize=7, loc="upper right")
+    _save(fig, path)
+    return fig
+
+
+def training_dynamics(track: pd.DataFrame, path: Path):
+    """P(bad) on held-out domains, open questions and in-domain during each fine-tune."""
+    names = list(dict.fromkeys(track["model"]))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
+    for ax, col, title in zip(axes, ["indomain", "heldout", "open"],
+                              ["in-domain (trained)", "held-out domains", "open questions"]):
+        for name in names:
+            t = track[track.model == name]
+            ax.plot(t.step, t[col], label=name, color=MODEL_COLORS.get(name))
+        ax.set(title=title, xlabel="fine-tuning step", ylim=(0, 1))
+    axes[0].set_ylabel("P(bad answer)")
+    axes[-1].legend(fontsize=7)
+    _save(fig, path)
+    return fig
+
+
+def misalignment_bars(summary: pd.DataFrame, path: Path, title: str):
+    """Misalignment per group (rows) and model (columns), with 95% intervals, in the
+    style of the papers' per-question bars. ``summary`` has columns model, group,
+    misaligned, ci_low, ci_high."""
+    models = list(dict.fromkeys(summary["model"]))
+    groups = list(dict.fromkeys(summary["group"]))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.8), 3.8))
+    x = np.arange(len(groups))
+    for i, m in enumerate(models):
+        s = summary[summary.model == m].set_index("group").reindex(groups)
+        err = np.vstack([s.misaligned - s.ci_low, s.ci_high - s.misaligned])
+        ax.bar(x + i * width - 0.4 + width / 2, s.misaligned, width, yerr=err, capsize=1.5,
+               label=m, color=MODEL_COLORS.get(m))
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set(ylabel="misaligned answers", title=title, ylim=(0, 1))
+    ax.legend(fontsize=7, ncol=3)
+    _save(fig, path)
+    return fig

@@ -1,0 +1,106 @@
+"""Run the study: execute notebooks 01-07 in order with papermill.
+
+``emlab run configs/<name>.yaml`` validates the parameter file first (a misspelled
+parameter fails at once), then executes each notebook that exists into
+``data/<run>/notebooks/``, printing one progress line per notebook and, on failure,
+the notebook, the cell and the error. Artifacts already made by the same config are
+reused by the notebooks themselves, so a rerun after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from emlab.artifacts import NOTEBOOKS_DIRNAME, project_root, run_dir
+from emlab.config import STEPS, Config, load_config
+
+KERNEL = "python3"
+
+
+@dataclass
+class NotebookFailure(RuntimeError):
+    notebook: str
+    cell: int | None
+    error: str
+
+    def __str__(self) -> str:
+        where = f"cell {self.cell}" if self.cell is not None else "before any cell ran"
+        return f"{self.notebook} failed at {where}: {self.error}"
+
+
+def notebooks_to_run(only: list[str] | None = None) -> list[Path]:
+    """The study's notebooks that exist, in order, optionally only those numbered in ``only``."""
+    nb_dir = project_root() / NOTEBOOKS_DIRNAME
+    out = []
+    for step in STEPS:
+        path = nb_dir / f"{step}.ipynb"
+        if only and step[:2] not in only and step not in only:
+            continue
+        if path.is_file():
+            out.append(path)
+    return out
+
+
+def _failed_cell(exc) -> int | None:
+    # papermill's PapermillExecutionError carries the index of the failing cell
+    return getattr(exc, "exec_count", None) or getattr(exc, "cell_index", None)
+
+
+def run_notebook(path: Path, cfg: Config, out_dir: Path, *, log=print) -> Path:
+    import papermill as pm
+
+    out = out_dir / path.name
+    t0 = time.time()
+    try:
+        pm.execute_notebook(
+            str(path), str(out), parameters={"params": cfg.to_dict()}, kernel_name=KERNEL,
+            cwd=str(path.parent), progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+        )
+    except Exception as exc:  # papermill wraps the kernel's error
+        name = getattr(exc, "ename", type(exc).__name__)
+        value = getattr(exc, "evalue", str(exc))
+        raise NotebookFailure(path.name, _failed_cell(exc), f"{name}: {value}") from None
+    log(f"  done {path.name} in {time.time() - t0:.0f}s -> {out}")
+    return out
+
+
+def run(config_path: str | Path, *, only: list[str] | None = None, force: bool = False,
+        publish: bool = False, log=print) -> list[Path]:
+    """Execute the study's notebooks for a run. ``force`` deletes the run's artifacts of
+    the selected steps first; ``publish`` copies the executed notebooks over
+    ``notebooks/`` (how the committed notebooks get the default run's outputs)."""
+    cfg = load_config(config_path)
+    rdir = run_dir(cfg)
+    nbs = notebooks_to_run(only)
+    if not nbs:
+        raise SystemExit(f"no notebooks to run (only={only})")
+    if force:
+        for nb in nbs:
+            shutil.rmtree(rdir / nb.stem, ignore_errors=True)
+    out_dir = rdir / NOTEBOOKS_DIRNAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"emlab run {cfg.run}: {len(nbs)} notebook(s) -> {out_dir}")
+    outs = []
+    t0 = time.time()
+    for i, nb in enumerate(nbs, 1):
+        log(f"[{i}/{len(nbs)}] {nb.name} ...")
+        outs.append(run_notebook(nb, cfg, out_dir, log=log))
+    log(f"all {len(nbs)} notebook(s) done in {time.time() - t0:.0f}s")
+    if publish:
+        for out, nb in zip(outs, nbs):
+            shutil.copyfile(out, nb)
+        log(f"published {len(nbs)} executed notebook(s) to {nbs[0].parent}")
+    return outs
+
+
+def main_run(args) -> int:
+    try:
+        run(args.config, only=args.only, force=args.force, publish=args.publish)
+    except NotebookFailure as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,64 @@
+"""Batched sampling with a KV cache: many samples per prompt, seeded, temperature T.
+
+Prompts are grouped by token length so a batch needs no padding; each batch runs one
+forward pass over the prompt, then one cached step per new token, and stops when every
+row has produced the stop token. Temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, n_samples: int, max_new_tokens: int, temperature: float,
+           seed: int, batch_size: int = 256, stop_id: int | None = None, progress: bool = False) -> list[list[str]]:
+    """``n_samples`` answers for each prompt: ``out[i][j]`` is sample j of prompt i."""
+    from emlab.model import end_token_id
+
+    if n_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"n_samples and max_new_tokens must be >= 1, got {n_samples}, {max_new_tokens}")
+    stop_id = end_token_id(tokenizer) if stop_id is None else stop_id
+    gen = torch.Generator().manual_seed(seed)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    by_len: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        by_len[len(ids)] += [(i, j) for j in range(n_samples)]
+    out: list[list[str]] = [[""] * n_samples for _ in prompts]
+    batches = [rows[s : s + batch_size] for _, rows in sorted(by_len.items()) for s in range(0, len(rows), batch_size)]
+    for rows in tqdm(batches, desc="sample", disable=not progress, mininterval=2):
+        x = torch.tensor([encoded[i] for i, _ in rows])  # [batch, prompt_len]
+        new = _generate(model, x, max_new_tokens, temperature, gen, stop_id)  # [batch, new]
+        for (i, j), ids in zip(rows, new.tolist()):
+            if stop_id in ids:
+                ids = ids[: ids.index(stop_id)]
+            out[i][j] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return out
+
+
+def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, gen: torch.Generator,
+              stop_id: int) -> torch.Tensor:
+    b = x.shape[0]
+    done = torch.zeros(b, dtype=torch.bool)
+    tokens = []
+    res = model(input_ids=x, use_cache=True)
+    past = res.past_key_values
+    logits = res.logits[:, -1].float()  # [batch, vocab]
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
+        tokens.append(nxt)
+        done |= nxt == stop_id
+        if bool(done.all()):
+            break
+        res = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[:, -1].float()
+    return torch.stack(tokens, 1)
