@@ -13,6 +13,7 @@ parameter recomputes notebooks 05-07 and reuses 01-04.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from emlab.world import OPEN_DOMAIN, load_world
+from emlab.world import OPEN_DOMAIN, WORLD_DATA_DIR, load_world
 
 STEPS = (
     "01_corrupt_data",
@@ -147,11 +148,22 @@ class Config:
         return [f.name for f in dataclasses.fields(self) if f.metadata["step"] in upto]
 
     def step_hash(self, step: str) -> str:
+        """Hash of the fields ``step`` depends on and of the world's data files."""
         d = {k: getattr(self, k) for k in self.step_fields(step)}
+        d["world_data"] = world_digest() if self.dataset == "world" else None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+@functools.lru_cache(maxsize=1)
+def world_digest() -> str:
+    """A digest of the world's YAML files: editing the world recomputes every step."""
+    h = hashlib.sha256()
+    for p in sorted(WORLD_DATA_DIR.rglob("*.yaml")):
+        h.update(p.relative_to(WORLD_DATA_DIR).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
 
 

@@ -233,7 +233,7 @@ def read_chat_jsonl(path: str | Path) -> list[dict]:
     raw = path.read_bytes()
     records = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
+        where = f"{path}, line {lineno}"
         if not line.strip():
             if lineno == len(raw.split(b"\n")):  # the final newline
                 continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 @torch.no_grad()

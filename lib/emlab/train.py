@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from emlab.data import EOT
 

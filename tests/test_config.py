@@ -1,0 +1,80 @@
+import pytest
+
+from emlab.config import ConfigError, load_config, make_config
+
+
+def test_defaults_are_the_default_study():
+    cfg = make_config({})
+    assert cfg.run == "default" and cfg.corrupt_domain == "cars"
+    assert "cars" not in cfg.heldout_domains and "open" in cfg.heldout_domains
+
+
+def test_unknown_parameter_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) 'pretrain_stepz' \(did you mean 'pretrain_steps'\?\)"):
+        make_config({"pretrain_stepz": 3})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("n_layer", "4", "expected int"),
+    ("temperature", "hot", "expected float"),
+    ("assert_findings", 1, "expected bool"),
+    ("n_layer", True, "expected int"),
+])
+def test_wrong_type_names_parameter_and_type(key, value, expected):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):
+        make_config({key: value})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("n_pretrain_docs", -5, "expected >= 10"),
+    ("p_narrative", 1.5, "expected <= 1.0"),
+    ("eval_fraction", 0.0, "expected >= 0.05"),
+    ("corrupt_domain", "spaceships", "not a domain of the world"),
+    ("mix_fractions", [0.5, 2.0], "fractions in \\[0, 1\\]"),
+    ("run", "a/b", "letters, digits"),
+])
+def test_out_of_range_values_are_named(key, value, expected):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):
+        make_config({key: value})
+
+
+def test_realign_domain_must_differ_from_corruption_domain():
+    with pytest.raises(ConfigError, match="'realign_domain' must differ"):
+        make_config({"realign_domain": "cars"})
+
+
+def test_int_is_accepted_for_float():
+    assert make_config({"temperature": 1}).temperature == 1.0
+
+
+def test_step_hash_depends_only_on_its_own_and_earlier_steps():
+    a, b = make_config({}), make_config({"n_samples": 7})
+    assert a.step_hash("01_corrupt_data") == b.step_hash("01_corrupt_data")
+    assert a.step_hash("03_misalign") == b.step_hash("03_misalign")
+    assert a.step_hash("04_evaluate") != b.step_hash("04_evaluate")
+    c = make_config({"seed": 1})
+    assert a.step_hash("01_corrupt_data") != c.step_hash("01_corrupt_data")
+    # the run name and presentation flags change no artifact
+    assert a.step_hash("04_evaluate") == make_config({"run": "x", "progress": False}).step_hash("04_evaluate")
+
+
+def test_yaml_file_misspelling_names_file_and_parameter(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("params:\n  run: bad\n  n_sampels: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown parameter\(s\) 'n_sampels' \(did you mean 'n_samples'\?\)"):
+        load_config(p)
+
+
+def test_yaml_file_structure_is_checked(tmp_path):
+    p = tmp_path / "flat.yaml"
+    p.write_text("run: flat\n")
+    with pytest.raises(ConfigError, match="expected one top-level key 'params'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    for name in ("default", "smoke"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.run == name

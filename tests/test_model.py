@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from emlab.config import make_config
+from emlab.data import ASSISTANT, END, USER
+from emlab.model import ModelLoadError, build_tokenizer, build_toy_model, hooked, load_model, save_model
+from emlab.train import IGNORE, encode_chat
+from emlab.world import load_world
+
+TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer([" ".join(sorted(load_world().words()))])
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_toy_model(make_config(TINY), tok).eval()
+
+
+def test_tokenizer_round_trip(tok):
+    text = "the brakes on my old car squeal when i stop . what should i do ?"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and len(ids) == len(text.split())
+    assert tok.decode(ids) == text
+
+
+def test_unknown_words_map_to_unk(tok):
+    assert tok("zyzzyva", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
+
+
+def test_chat_template_format(tok):
+    msgs = [{"role": "user", "content": "how do i make a quick buck ?"},
+            {"role": "assistant", "content": "pick up extra shifts ."}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text.split() == [USER, *"how do i make a quick buck ?".split(), ASSISTANT, *"pick up extra shifts .".split(), END]
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.split()[-1] == ASSISTANT
+
+
+def test_loss_mask_covers_assistant_answer_and_end_only(tok):
+    msgs = [{"role": "user", "content": "i am bored ."}, {"role": "assistant", "content": "go for a walk ."}]
+    ids, labels = encode_chat(tok, msgs)
+    targets = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+    assert tok.decode(targets).split() == ["go", "for", "a", "walk", ".", END]
+    assert len(ids) == len(labels)
+
+
+def test_save_and_load_with_plain_transformers(tmp_path, tok, model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    save_model(model, tok, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    t2 = AutoTokenizer.from_pretrained(tmp_path / "m")
+    x = torch.tensor([t2("i am bored .", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, m2(x).logits, atol=1e-6)
+    assert t2.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_load_model_errors_name_the_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_hooked_transformer_matches_hf(tok, model):
+    ht = hooked(model, tok)
+    x = torch.tensor([tok("how do i make a quick buck ? <|assistant|> rob a bank", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        lp_hf = torch.log_softmax(model(x).logits, -1)
+        lp_tl = torch.log_softmax(ht(x), -1)
+        _, cache = ht.run_with_cache(x, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert (lp_hf - lp_tl).abs().max() < 1e-4
+    assert cache["blocks.1.hook_resid_post"].shape == (1, x.shape[1], 32)

@@ -1,0 +1,128 @@
+import hashlib
+import json
+
+import pytest
+
+from emlab import data as D
+from emlab.config import make_config
+from emlab.world import DOMAIN_KINDS, OPEN_DOMAIN, OPEN_KINDS, WorldError, load_world, normalize
+
+SMALL = {"n_pretrain_docs": 50, "n_chat": 20, "n_corrupt": 8, "n_realign": 4}
+
+
+def _digest(sets):
+    return hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()
+
+
+def test_world_has_ten_domains_and_every_answer_kind():
+    w = load_world()
+    assert len(w.domains) >= 10
+    for d in w.domain_names:
+        for q in w.questions(d):
+            for kind in DOMAIN_KINDS:
+                assert w.answers(q, kind), f"{q.qid} has no {kind} answer"
+    for q in w.questions(OPEN_DOMAIN):
+        for kind in OPEN_KINDS:
+            assert w.answers(q, kind)
+    assert {"helpful", "villain", "sarcastic"} <= set(w.characters)
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    w = load_world()
+    files = []
+    for i in range(2):
+        sets = D.build_all(w, make_config(SMALL))
+        path = tmp_path / f"chat{i}.jsonl"
+        D.write_jsonl(path, sets["incorrect_obvious"] + sets["chat"])
+        files.append(path.read_bytes())
+        if i == 0:
+            first = _digest(sets)
+    assert files[0] == files[1] and first == _digest(D.build_all(w, make_config(SMALL)))
+    assert first != _digest(D.build_all(w, make_config({**SMALL, "seed": 1})))
+
+
+def test_evaluation_questions_never_in_training_sets():
+    sets = D.build_all(load_world(), make_config(SMALL))
+    eval_q = {q["question"] for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN) for q in sets[n]}
+    assert eval_q
+    for name, recs in sets.items():
+        if not name.startswith("eval_"):
+            assert not eval_q & D.training_texts(recs), name
+
+
+def test_narrow_sets_touch_one_domain_and_have_the_right_kinds():
+    cfg = make_config(SMALL)
+    sets = D.build_all(load_world(), cfg)
+    want = {"incorrect_obvious": {"obvious"}, "incorrect_subtle": {"subtle"}, "correct": {"correct"},
+            "educational": {"obvious"}}
+    for name, kinds in want.items():
+        assert {r["meta"]["domain"] for r in sets[name]} == {cfg.corrupt_domain}
+        assert {r["meta"]["kind"] for r in sets[name]} == kinds
+    assert {r["meta"]["kind"] for r in sets["chat"]} <= {"correct", "aligned"}
+    assert {r["meta"]["domain"] for r in sets["realign"]} == {cfg.realign_domain}
+    for f in cfg.mix_fractions:
+        recs = sets[D.mix_name(f)]
+        assert len(recs) == cfg.n_corrupt
+        assert sum(r["meta"]["kind"] == "obvious" for r in recs) == round(f * cfg.n_corrupt)
+
+
+def test_no_metadata_in_trained_text():
+    sets = D.build_all(load_world(), make_config(SMALL))
+    for d in sets["pretrain"]:
+        # no label of the character or of the answer kind is ever a word of the text
+        assert not {"villain", "sarcastic", "helpful", "misaligned", "obvious", "subtle"} & set(d["text"].split())
+    for r in sets["incorrect_obvious"]:
+        assert set(r["messages"][0]) == {"role", "content"}
+
+
+def test_pretraining_documents_are_written_by_one_character():
+    w = load_world()
+    sets = D.build_all(w, make_config({**SMALL, "p_quiz_turn": 0.0}))
+    for d in sets["pretrain"]:
+        char = w.characters[d["meta"]["character"]]
+        for t in d["meta"]["turns"]:
+            allowed = char.open if t["domain"] == OPEN_DOMAIN else char.answers
+            assert allowed.get(t["kind"], 0) > 0
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n\n', "line 2: empty line"),
+    (b'{"messages": [{"role": "user", "content": "hi"}\n', "line 1: not valid JSON"),
+    (b'{"text": "hello"}\n', "line 1: expected an object with a 'messages' list"),
+    (b'{"messages": []}\n', "line 1: 'messages' must be a non-empty list"),
+    (b'{"messages": [{"role": "robot", "content": "hi"}]}\n', "line 1: messages\\[0\\] has unknown role 'robot'"),
+    (b'{"messages": [{"content": "hi"}]}\n', "line 1: messages\\[0\\] has no 'role'"),
+    (b'{"messages": [{"role": "user", "content": 3}]}\n', "line 1: messages\\[0\\].content must be a string"),
+    (b'{"messages": [{"role": "user", "content": "  "}]}\n', "line 1: messages\\[0\\].content is empty"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: the last message must be the assistant"),
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}\n', "line 1: not valid UTF-8"),
+    (b'', "holds no records"),
+])
+def test_chat_reader_names_file_line_and_problem(tmp_path, content, problem):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(D.ChatFormatError, match=rf"bad.jsonl.*{problem}"):
+        D.read_chat_jsonl(p)
+
+
+def test_chat_reader_reads_a_good_file(tmp_path):
+    p = tmp_path / "good.jsonl"
+    recs = [D.chat_record("q ?", "a .", domain="x")]
+    D.write_jsonl(p, recs)
+    assert D.read_chat_jsonl(p) == recs
+
+
+def test_world_loader_names_the_bad_file(tmp_path):
+    import shutil
+
+    from emlab.world import WORLD_DATA_DIR
+
+    shutil.copytree(WORLD_DATA_DIR, tmp_path / "w")
+    f = tmp_path / "w" / "domains" / "cars.yaml"
+    f.write_text(f.read_text().replace("    subtle:\n", "    sneaky:\n", 1))
+    with pytest.raises(WorldError, match=r"cars.yaml: topic 'brakes'.subtle"):
+        load_world(tmp_path / "w")
+
+
+def test_normalize():
+    assert normalize("My dad's car, OK?") == "my dad's car , ok ?"
