@@ -1,0 +1,102 @@
+"""The smoke run end to end through `emlab run`, and resuming after lost artifacts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emlab.artifacts import META_SUFFIX, read_metrics
+from emlab.config import STEPS
+from emlab.runner import notebooks_to_run
+
+ROOT = Path(__file__).resolve().parents[1]
+EMLAB = [sys.executable, "-m", "emlab.cli"]
+
+
+def _emlab(*args, timeout=1800):
+    env = {**os.environ, "TQDM_DISABLE": "1", "EMLAB_ROOT": str(ROOT)}
+    return subprocess.run([*EMLAB, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _stamps(run_dir: Path) -> dict[str, float]:
+    """mtime of every artifact's config file: changes exactly when the artifact is rebuilt."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.glob(f"*/*{META_SUFFIX}")}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    params = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())["params"]
+    params["run"] = "test-smoke"
+    cfg = tmp_path_factory.mktemp("cfg") / "test-smoke.yaml"
+    cfg.write_text(yaml.safe_dump({"params": params}))
+    run_dir = ROOT / "data" / "test-smoke"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    res = _emlab("run", str(cfg))
+    assert res.returncode == 0, f"smoke run failed:\n{res.stdout}\n{res.stderr[-3000:]}"
+    yield cfg, run_dir, res
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_smoke_run_executes_every_notebook(smoke_run):
+    cfg, run_dir, res = smoke_run
+    nbs = notebooks_to_run()
+    assert len(nbs) >= 4
+    for nb in nbs:
+        assert (run_dir / "notebooks" / nb.name).is_file()
+        assert f"done {nb.name}" in res.stdout
+    metrics = read_metrics(run_dir)
+    assert set(metrics) == {nb.stem for nb in nbs}, "every notebook writes its metrics.json"
+    for step, m in metrics.items():
+        for k, v in m.items():
+            assert isinstance(v, (int, float, bool)), (step, k, v)
+
+
+def test_rerun_after_deleting_one_step_recomputes_only_that_step(smoke_run):
+    cfg, run_dir, _ = smoke_run
+    before = _stamps(run_dir)
+    victim = "03_misalign"
+    shutil.rmtree(run_dir / victim)
+    res = _emlab("run", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = _stamps(run_dir)
+    assert set(after) == set(before)
+    rebuilt = {k for k in after if after[k] != before[k]}
+    assert rebuilt and all(k.startswith(victim) for k in rebuilt), f"rebuilt outside {victim}: {sorted(rebuilt)}"
+    assert {k for k in before if k.startswith(victim)} == rebuilt
+
+
+def test_results_table_reads_every_metric(smoke_run):
+    _, run_dir, _ = smoke_run
+    res = _emlab("results", str(run_dir), "--markdown")
+    assert res.returncode == 0, res.stderr
+    assert "| 04_evaluate: heldout_misaligned.incorrect_obvious |" in res.stdout
+
+
+def test_misspelled_parameter_fails_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  run: bad\n  temprature: 1.0\n")
+    res = _emlab("run", str(bad), timeout=120)
+    assert res.returncode == 2
+    assert "unknown parameter(s) 'temprature' (did you mean 'temperature'?)" in res.stderr
+    assert not (ROOT / "data" / "bad").exists()
+
+
+def test_failure_report_names_notebook_and_cell(tmp_path):
+    bad = tmp_path / "fail.yaml"
+    bad.write_text("params:\n  run: test-fail\n  n_pretrain_docs: 10\n")
+    # 02 needs 01's artifacts of this config: running it alone must say which notebook to run
+    res = _emlab("run", str(bad), "--only", "02", timeout=600)
+    shutil.rmtree(ROOT / "data" / "test-fail", ignore_errors=True)
+    assert res.returncode == 1
+    assert "02_base_model.ipynb failed at cell" in res.stderr
+    assert "run notebooks/01_corrupt_data.ipynb first" in res.stderr
+
+
+def test_steps_constant_matches_notebooks():
+    assert [nb.stem for nb in notebooks_to_run()] == list(STEPS[: len(notebooks_to_run())])
+    json.dumps(STEPS)
