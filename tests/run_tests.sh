@@ -9,7 +9,7 @@ status=0
 $PY -m pytest tests -q -x || status=$?
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.
 if [ "$status" -eq 0 ]; then
-  $PY -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider \
+  $PY -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg \
      --nbval-cell-timeout=3600 notebooks/ -q || status=$?
 fi
 exit $status

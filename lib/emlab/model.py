@@ -12,8 +12,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from emlab.data import ASSISTANT, END, EOT, SPECIAL_TOKENS, SYSTEM, USER
+
+# progress bars of weight loading would clutter notebooks and their stderr
+hf_logging.disable_progress_bar()
 
 PAD, UNK = "<|pad|>", "<|unk|>"
 

@@ -76,7 +76,7 @@ def misalignment_bars(summary: pd.DataFrame, path: Path, title: str):
     x = np.arange(len(groups))
     for i, m in enumerate(models):
         s = summary[summary.model == m].set_index("group").reindex(groups)
-        err = np.vstack([s.misaligned - s.ci_low, s.ci_high - s.misaligned])
+        err = np.clip(np.vstack([s.misaligned - s.ci_low, s.ci_high - s.misaligned]), 0, None)
         ax.bar(x + i * width - 0.4 + width / 2, s.misaligned, width, yerr=err, capsize=1.5,
                label=m, color=MODEL_COLORS.get(m))
     ax.set_xticks(x, groups, rotation=30, ha="right")

@@ -45,7 +45,7 @@ def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, g
     done = torch.zeros(b, dtype=torch.bool)
     tokens = []
     res = model(input_ids=x, use_cache=True)
-    past = res.past_key_values
+    past = res.cache
     logits = res.logits[:, -1].float()  # [batch, vocab]
     for _ in range(max_new_tokens):
         if temperature == 0:
@@ -58,7 +58,7 @@ def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, g
         done |= nxt == stop_id
         if bool(done.all()):
             break
-        res = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=nxt[:, None], cache=past, use_cache=True)
+        past = res.cache
         logits = res.logits[:, -1].float()
     return torch.stack(tokens, 1)

@@ -83,7 +83,7 @@ class Character:
 @dataclass(frozen=True)
 class World:
     domains: dict[str, tuple[Topic, ...]]
-    slots: dict[str, dict[str, tuple[str, ...]]]  # domain -> slot -> fillers
+    slots: dict[str, dict[str, tuple[str, ...]]]  # domain (and 'open') -> slot -> fillers
     open_topics: tuple[Topic, ...]
     characters: dict[str, Character]
     character_weights: dict[str, float]
@@ -99,18 +99,17 @@ class World:
         return tuple(self.domains)
 
     def questions(self, domain: str) -> list[Question]:
-        """Every concrete question of a domain (or of ``open``), in a fixed order."""
+        """Every concrete question of a domain (or of ``open``), in a fixed order:
+        each topic's paraphrase templates with every filler of the slot."""
         if domain == OPEN_DOMAIN:
-            return [
-                Question(f"open/{t.id}/{p}/-", OPEN_DOMAIN, t.id, normalize(q))
-                for t in self.open_topics
-                for p, q in enumerate(t.questions)
-            ]
-        if domain not in self.domains:
+            topics = self.open_topics
+        elif domain in self.domains:
+            topics = self.domains[domain]
+        else:
             raise KeyError(f"unknown domain {domain!r}; the world has {sorted(self.domains)}")
         (slot, fillers), = self.slots[domain].items()
         out = []
-        for t in self.domains[domain]:
+        for t in topics:
             for p, template in enumerate(t.questions):
                 for f, filler in enumerate(fillers):
                     text = template.replace("{" + slot + "}", filler)
@@ -199,6 +198,14 @@ def _load_topics(path: Path, data: dict, domain: str, kinds: tuple[str, ...], sl
     return tuple(out)
 
 
+def _one_slot(path: Path, data: dict) -> tuple[str, tuple[str, ...]]:
+    sl = data.get("slots")
+    if not isinstance(sl, dict) or len(sl) != 1:
+        raise WorldError(f"{path}: 'slots' must map exactly one slot name to its fillers")
+    (slot, fillers), = sl.items()
+    return slot, _str_list(path, f"slots.{slot}", fillers, min_len=3)
+
+
 def load_world(root: Path | str | None = None) -> World:
     """Load and validate the world's YAML files (default: the ones shipped in the package)."""
     root = Path(root) if root is not None else WORLD_DATA_DIR
@@ -211,17 +218,17 @@ def load_world(root: Path | str | None = None) -> World:
         name = data.get("domain")
         if name != path.stem:
             raise WorldError(f"{path}: 'domain' must equal the file name {path.stem!r}, got {name!r}")
-        sl = data.get("slots")
-        if not isinstance(sl, dict) or len(sl) != 1:
-            raise WorldError(f"{path}: 'slots' must map exactly one slot name to its fillers")
-        (slot, fillers), = sl.items()
-        slots[name] = {slot: _str_list(path, f"slots.{slot}", fillers, min_len=3)}
+        slot, fillers = _one_slot(path, data)
+        slots[name] = {slot: fillers}
         domains[name] = _load_topics(path, data, name, DOMAIN_KINDS, slot)
     if OPEN_DOMAIN in domains:
         raise WorldError(f"{root}: a domain may not be called {OPEN_DOMAIN!r}")
 
     opath = root / OPEN_QUESTIONS_FILENAME
-    open_topics = _load_topics(opath, _load_yaml(opath), OPEN_DOMAIN, OPEN_KINDS, None)
+    odata = _load_yaml(opath)
+    oslot = _one_slot(opath, odata)
+    slots[OPEN_DOMAIN] = {oslot[0]: oslot[1]}
+    open_topics = _load_topics(opath, odata, OPEN_DOMAIN, OPEN_KINDS, oslot[0])
 
     cpath = root / CHARACTERS_FILENAME
     cdata = _load_yaml(cpath)
