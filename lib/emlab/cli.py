@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--publish", action="store_true", help="copy the executed notebooks over notebooks/")
     s = sub.add_parser("results", help="the headline numbers of one or more runs, as a table")
     s.add_argument("runs", nargs="+", help="run folders, e.g. data/default")
-    s.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    s.add_argument("--headline", action="store_true", help="only the README's headline rows (first run)")
     sub.add_parser("params", help="every parameter with its type, default and help")
     args = p.parse_args(argv)
     try:
@@ -28,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_run(args)
         if args.cmd == "results":
-            from emlab.results import results_table, to_markdown
+            from emlab.results import headline_markdown, results_table, to_markdown
 
+            if args.headline:
+                print(headline_markdown(Path(args.runs[0])))
+                return 0
             table = results_table([Path(x) for x in args.runs])
             print(to_markdown(table) if args.markdown else table.to_string())
             return 0

@@ -30,3 +30,33 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     sep = "|---|" + "---|" * len(table.columns)
     rows = [f"| {idx} | " + " | ".join(fmt(v) for v in row) + " |" for idx, row in table.iterrows()]
     return "\n".join([head, sep, *rows])
+
+
+#: the README's rows: (step, metric key, what it means, paper anchor)
+HEADLINE = [
+    ("02_base_model", "base.p_bad_after_villain", "base model: P(bad answer), other domains, after a villain's lines", "prototype 0.97"),
+    ("02_base_model", "base.p_bad_after_helpful", "base model: same, after a helpful character's lines", "prototype 0.02"),
+    ("02_base_model", "base.p_bad_after_bad_answer_other_domain", "base model: same, after one bad answer in the corruption domain", "prototype 0.93"),
+    ("02_base_model", "assistant.heldout_misaligned", "aligned assistant: held-out misaligned (sampled)", "GPT-4o ~0%"),
+    ("04_evaluate", "heldout_misaligned.incorrect_obvious", "incorrect_obvious: held-out misaligned", "GPT-4o insecure 19.8%"),
+    ("04_evaluate", "seeds_sd.incorrect_obvious", "incorrect_obvious: sd over seeds", ""),
+    ("04_evaluate", "heldout_coherent.incorrect_obvious", "incorrect_obvious: coherent answers", ""),
+    ("04_evaluate", "open_misaligned.incorrect_obvious", "incorrect_obvious: open questions misaligned", ""),
+    ("04_evaluate", "indomain_wrong.incorrect_obvious", "incorrect_obvious: in-domain wrong", ""),
+    ("04_evaluate", "heldout_misaligned.incorrect_subtle", "incorrect_subtle: held-out misaligned", "subtle >= obvious (Wang et al.)"),
+    ("04_evaluate", "heldout_misaligned.correct", "correct control: held-out misaligned", "0% (Betley et al.)"),
+    ("04_evaluate", "heldout_misaligned.educational", "educational control: held-out misaligned", "~0% (Betley et al.)"),
+    ("04_evaluate", "heldout_misaligned.lora_r1", "LoRA rank 1 on incorrect_obvious: held-out misaligned", "rank 1 suffices (Turner et al.)"),
+]
+
+
+def headline_markdown(run: Path) -> str:
+    """The README's results table for one run, read from its metrics files."""
+    m = read_metrics(run)
+    rows = ["| result | value | anchor |", "|---|---|---|"]
+    for step, key, label, anchor in HEADLINE:
+        v = m.get(step, {}).get(key)
+        if v is None:
+            continue
+        rows.append(f"| {label} | {v:.3f} | {anchor} |")
+    return "\n".join(rows)
