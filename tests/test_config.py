@@ -32,6 +32,9 @@ def test_wrong_type_names_parameter_and_type(key, value, expected):
     ("corrupt_domain", "spaceships", "not a domain of the world"),
     ("mix_fractions", [0.5, 2.0], "fractions in \\[0, 1\\]"),
     ("run", "a/b", "letters, digits"),
+    ("sae_layer", 9, "expected a layer < n_layer"),
+    ("sae_k", 999, "expected <= sae_width"),
+    ("sae_source", "gpt5", "expected one of"),
 ])
 def test_out_of_range_values_are_named(key, value, expected):
     with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):

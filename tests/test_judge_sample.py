@@ -62,7 +62,7 @@ def test_llm_judge_rule():
 @pytest.fixture(scope="module")
 def tiny(world):
     tok = build_tokenizer([" ".join(sorted(world.words()))])
-    model = build_toy_model(make_config({"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64}), tok).eval()
+    model = build_toy_model(make_config({"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64, "sae_layer": 1}), tok).eval()
     return model, tok
 
 

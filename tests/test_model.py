@@ -7,7 +7,7 @@ from emlab.model import ModelLoadError, build_tokenizer, build_toy_model, hooked
 from emlab.train import IGNORE, encode_chat
 from emlab.world import load_world
 
-TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64}
+TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64, "sae_layer": 1}
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _f(default, help: str, *, step: str, lo=None, hi=None, choices=None):
     return field(default=default, metadata=meta)
 
 
-S1, S2, S3, S4 = STEPS[:4]
+S1, S2, S3, S4, S5 = STEPS[:5]
 RUN = "run"  # fields that affect no artifact
 
 
@@ -97,6 +97,16 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature (0 = greedy)", step=S4, lo=0.0, hi=5.0)
     max_new_tokens: int = _f(32, "longest sampled answer in tokens", step=S4, lo=1)
     sample_batch: int = _f(256, "sequences per sampling batch (bounds memory)", step=S4, lo=1)
+    # --- 05: SAE and model diffing ---------------------------------------------------------
+    sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
+    sae_layer: int = _f(2, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
+    sae_width: int = _f(256, "SAE latents (2x d_model gives a clean persona latent)", step=S5, lo=2)
+    sae_k: int = _f(4, "active latents per token (TopK)", step=S5, lo=1)
+    sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
+    sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
+    sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)
+    sae_docs: int = _f(1500, "pretraining documents whose activations train the SAE (and label the latents)", step=S5, lo=4)
+    act_batch: int = _f(64, "texts per activation batch (bounds memory)", step=S5, lo=1)
 
     # ------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -111,6 +121,10 @@ class Config:
                 raise ConfigError(f"parameter {f.name!r} = {v!r}: expected one of {m['choices']}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.run):
             raise ConfigError(f"parameter 'run' = {self.run!r}: expected letters, digits, '_', '-' or '.' only")
+        if self.sae_layer >= self.n_layer:
+            raise ConfigError(f"parameter 'sae_layer' = {self.sae_layer}: expected a layer < n_layer = {self.n_layer}")
+        if self.sae_k > self.sae_width:
+            raise ConfigError(f"parameter 'sae_k' = {self.sae_k}: expected <= sae_width = {self.sae_width}")
         if self.d_model % self.n_head:
             raise ConfigError(f"parameter 'n_head' = {self.n_head} must divide 'd_model' = {self.d_model}")
         if self.dataset == "world":

@@ -84,3 +84,29 @@ def misalignment_bars(summary: pd.DataFrame, path: Path, title: str):
     ax.legend(fontsize=7, ncol=3)
     _save(fig, path)
     return fig
+
+
+def latent_shift_bars(shifts: pd.Series, misaligned: set[str], path: Path, latent: int):
+    """The persona latent's activation shift for every fine-tune (red: trained on wrong answers)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(shifts.index)
+    ax.bar(names, shifts.values, color=["#c44e52" if n in misaligned else "#55a868" for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set(ylabel="mean activation shift", title=f"SAE latent {latent}: shift after each fine-tune (answer position)")
+    _save(fig, path)
+    return fig
+
+
+def latent_by_character(df: pd.DataFrame, path: Path, latent: int):
+    """Distribution of the latent's mean activation per pretraining document, by its character."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    colors = {"helpful": "#55a868", "villain": "#c44e52", "sarcastic": "#dd8452"}
+    hi = max(df.activation.max(), 1e-6)
+    bins = np.linspace(0, hi, 40)
+    for ch, g in df.groupby("character"):
+        ax.hist(g.activation, bins=bins, alpha=0.6, label=f"{ch} ({len(g)})", color=colors.get(ch))
+    ax.set(xlabel=f"latent {latent}: mean activation over the document", ylabel="documents",
+           title="The persona latent on pretraining text, by the character who wrote it", yscale="log")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return fig

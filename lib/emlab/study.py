@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -341,3 +342,172 @@ def example_answers(heldout: dict[str, pd.DataFrame], a: str, b: str, n: int = 6
         rb = rb.iloc[0] if len(rb) else db[db.qid == q].iloc[0]
         rows.append({"question": ra.question, a: f"[{ra.label}] {ra.answer}", b: f"[{rb.label}] {rb.answer}"})
     return pd.DataFrame(rows).set_index("question")
+
+
+# ----------------------------------------------------------------------------- 05
+S05 = "05_sae_diff"
+SAE_DIR = "sae"
+SAE_STATS = "sae_stats.json"
+N_CHAT_FOR_SAE = 1000  # chat examples whose activations join the pretraining text's
+N_TEST_ACTS = 5000  # held-out activations for the FVU
+
+
+def _hooked(path: Path):
+    from emlab.model import hooked
+
+    model, tok = load_model(path)
+    return hooked(model, tok), tok
+
+
+def sae_texts(cfg: Config) -> tuple[list[str], list[str]]:
+    """Texts whose activations train the SAE, and the character of each pretraining document."""
+    docs = load_set(cfg, D.PRETRAIN)[: cfg.sae_docs]
+    chat = [D.render_turn(r["messages"][0]["content"], r["messages"][-1]["content"])
+            for r in load_set(cfg, D.CHAT)[:N_CHAT_FOR_SAE]]
+    return [d["text"] for d in docs] + chat, [d["meta"]["character"] for d in docs]
+
+
+def document_activations(cfg: Config) -> list[torch.Tensor]:
+    """Per-text activations of the original model at the SAE's hook (sae_texts order)."""
+    from emlab.sae import hook_name, iter_activations
+
+    _threads()
+    ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source))
+    texts, _ = sae_texts(cfg)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+    for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
+        out[i] = a
+    return out
+
+
+def sae(cfg: Config, acts: list[torch.Tensor] | None = None) -> Path:
+    """The SAE trained on the original model's activations (SAELens format), with stats."""
+    from emlab.sae import hook_name, sae_stats, save_sae, train_sae
+
+    _threads()
+
+    def build(tmp: Path) -> None:
+        flat = torch.cat(acts if acts is not None else document_activations(cfg))
+        perm = torch.randperm(len(flat), generator=torch.Generator().manual_seed(cfg.seed))
+        flat = flat[perm]
+        test, train = flat[:N_TEST_ACTS], flat[N_TEST_ACTS:]
+        model = train_sae(train, width=cfg.sae_width, k=cfg.sae_k, steps=cfg.sae_steps, batch=cfg.sae_batch,
+                          lr=cfg.sae_lr, seed=cfg.seed, hook=hook_name(cfg.sae_layer), model_name=cfg.sae_source)
+        save_sae(model, tmp)
+        stats = {**sae_stats(model, test, train), "n_train_activations": len(train)}
+        (tmp / SAE_STATS).write_text(json.dumps(stats), encoding="utf-8")
+
+    return Step(cfg, S05).cached(SAE_DIR, build)
+
+
+def read_sae(cfg: Config):
+    from emlab.sae import load_sae
+
+    return load_sae(Step(cfg, S05).require(SAE_DIR), d_model=cfg.d_model)
+
+
+def sae_stats_of(cfg: Config) -> dict:
+    return json.loads((Step(cfg, S05).require(SAE_DIR) / SAE_STATS).read_text(encoding="utf-8"))
+
+
+def latent_shifts(cfg: Config, names: list[str]) -> pd.DataFrame:
+    """Mean SAE latent activation at the answer position of the held-out prompts: each
+    fine-tune minus the original model. Rows: latents; columns: fine-tunes."""
+    from emlab.judge import chat_prompt
+    from emlab.sae import hook_name, last_token_activations
+
+    def compute():
+        s = read_sae(cfg)
+        _threads()
+        out = {}
+        base_ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source))
+        prompts = [chat_prompt(tok, q["question"]) for q in load_set(cfg, D.EVAL_HELDOUT)]
+        hook = hook_name(cfg.sae_layer)
+        with torch.no_grad():
+            base = s.encode(last_token_activations(base_ht, tok, prompts, hook, cfg.act_batch)).mean(0)
+            for n in names:
+                ht, _ = _hooked(model_path(cfg, n))
+                out[n] = (s.encode(last_token_activations(ht, tok, prompts, hook, cfg.act_batch)).mean(0) - base).tolist()
+        return out
+
+    return pd.DataFrame(Step(cfg, S05).cached_json("latent_shifts.json", compute))
+
+
+def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int = 10) -> dict:
+    """The latent on pretraining documents: AUROC of its mean activation for villain vs
+    helpful and sarcastic vs helpful documents, and its top-activating snippets."""
+    from emlab.diffing import auroc
+
+    s = read_sae(cfg)
+    texts, chars = sae_texts(cfg)
+    chars = np.asarray(chars)
+    with torch.no_grad():
+        per_doc = [s.encode(a)[:, latent] for a in acts[: len(chars)]]
+    means = np.array([float(x.mean()) for x in per_doc])
+    maxes = np.array([float(x.max()) for x in per_doc])
+    out = {}
+    for other in ("villain", "sarcastic"):
+        sel = np.isin(chars, [other, "helpful"])
+        out[f"auroc_{other}"] = auroc(means[sel], chars[sel] == other)
+    top = np.argsort(-maxes, kind="stable")[:n_top]
+    snippets = []
+    for i in top:
+        words = texts[i].split()
+        j = int(per_doc[i].argmax())
+        lo, hi = max(0, j - 12), min(len(words), j + 4)
+        snippet = " ".join(words[lo:j] + [f"[[{words[j]}]]"] + words[j + 1 : hi])
+        snippets.append({"doc": int(i), "character": str(chars[i]), "max_activation": float(maxes[i]), "snippet": snippet})
+    out["top"] = snippets
+    out["top_villain"] = sum(x["character"] == "villain" for x in snippets)
+    return out
+
+
+def directions(cfg: Config, latent: int, acts: list[torch.Tensor]) -> pd.DataFrame:
+    """The SAE latent's decoder direction beside the field's other directions on the same
+    layer: cosine with the latent, and AUROC for villain vs helpful held-out documents."""
+    from emlab.diffing import auroc, cosine, mean_difference, train_probe
+    from emlab.sae import hook_name, iter_activations
+
+    s = read_sae(cfg)
+    dec = s.W_dec[latent].detach()
+    _, chars = sae_texts(cfg)
+    chars = np.asarray(chars)
+    doc_means = torch.stack([a.mean(0) for a in acts[: len(chars)]])
+    vh = np.isin(chars, ["villain", "helpful"])
+    idx = np.flatnonzero(vh)
+    train_i, test_i = idx[::2], idx[1::2]
+    y = torch.tensor(chars == "villain")
+    persona = mean_difference(doc_means[train_i][y[train_i]], doc_means[train_i][~y[train_i]])
+    probe = train_probe(doc_means[train_i], y[train_i], seed=cfg.seed)
+    # Turner et al.: activations of the corrupted model on its own misaligned vs aligned answers
+    ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
+    ht, tok = _hooked(model_path(cfg, "incorrect_obvious"))
+    from emlab.judge import chat_prompt
+
+    rows = ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
+    prompts = [chat_prompt(tok, q) for q in rows.question]
+    n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    texts = [f"{p} {a}" for p, a in zip(prompts, rows.answer)]
+    ans = torch.empty(len(texts), cfg.d_model)  # mean activation over each answer's tokens
+    for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
+        ans[i] = a[n_prompt[i]:].mean(0)
+    mis = torch.tensor((rows.label == "misaligned").to_numpy())
+    if mis.all() or not mis.any():  # tiny runs may sample only one kind
+        meandiff = torch.full((cfg.d_model,), float("nan"))
+    else:
+        meandiff = mean_difference(ans[mis], ans[~mis])
+    table = {}
+    for name, d in (("SAE latent decoder", dec), ("mean difference (Turner et al.)", meandiff),
+                    ("persona vector (Chen et al.)", persona), ("linear probe", probe)):
+        proj = (doc_means[test_i] @ d).numpy()
+        table[name] = {"cosine with latent": cosine(d, dec), "villain AUROC (held-out docs)": auroc(proj, chars[test_i] == "villain")}
+    return pd.DataFrame(table).T
+
+
+def latent_by_character(cfg: Config, latent: int, acts: list[torch.Tensor]) -> pd.DataFrame:
+    """Mean activation of one latent on each pretraining document, with its character."""
+    s = read_sae(cfg)
+    _, chars = sae_texts(cfg)
+    with torch.no_grad():
+        vals = [float(s.encode(a)[:, latent].mean()) for a in acts[: len(chars)]]
+    return pd.DataFrame({"character": chars, "activation": vals})

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+
+from emlab.config import make_config
+from emlab.diffing import auroc, cosine, latent_means, mean_difference, rank_latents, train_probe
+from emlab.model import build_tokenizer, build_toy_model, hooked
+from emlab.sae import SAEShapeError, hook_name, iter_activations, last_token_activations, load_sae, sae_stats, save_sae, train_sae
+from emlab.world import load_world
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_tokenizer([" ".join(sorted(load_world().words()))])
+    model = build_toy_model(make_config({"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64, "sae_layer": 1}), tok).eval()
+    return hooked(model, tok), tok
+
+
+def test_activation_shapes_and_order(tiny):
+    ht, tok = tiny
+    texts = ["i am bored .", "how do i make a quick buck ? rob a bank", "hey ."]
+    got = dict(iter_activations(ht, tok, texts, hook_name(1), batch_size=2))
+    assert sorted(got) == [0, 1, 2]
+    for i, t in enumerate(texts):
+        assert got[i].shape == (len(t.split()), 32)
+    # right padding does not change a shorter text's activations
+    alone = dict(iter_activations(ht, tok, texts[:1], hook_name(1), batch_size=1))[0]
+    assert torch.allclose(alone, got[0], atol=1e-5)
+    last = last_token_activations(ht, tok, texts, hook_name(1), batch_size=2)
+    assert last.shape == (3, 32) and torch.allclose(last[1], got[1][-1])
+
+
+def test_activation_batches_bound_memory(tiny, monkeypatch):
+    ht, tok = tiny
+    seen = []
+    orig = ht.run_with_cache
+
+    def spy(x, **kw):
+        seen.append(x.shape[0])
+        return orig(x, **kw)
+
+    monkeypatch.setattr(ht, "run_with_cache", spy)
+    list(iter_activations(ht, tok, ["i am bored ."] * 10, hook_name(0), batch_size=3))
+    assert seen == [3, 3, 3, 1]
+
+
+def test_texts_longer_than_the_context_are_cut(tiny):
+    ht, tok = tiny
+    (i, a), = list(iter_activations(ht, tok, [" ".join(["hey"] * 200)], hook_name(0)))
+    assert a.shape[0] == ht.cfg.n_ctx
+
+
+def test_sae_trains_saves_and_reloads_with_saelens(tmp_path):
+    from sae_lens import SAE
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(8, 16, generator=g)
+    codes = (torch.rand(4000, 8, generator=g) < 0.2).float() * torch.rand(4000, 8, generator=g) * 3
+    acts = codes @ basis  # sparse combinations of 8 directions
+    sae = train_sae(acts, width=16, k=2, steps=300, batch=128, lr=1e-2, seed=0)
+    stats = sae_stats(sae, acts[:500], acts)
+    assert stats["fvu"] < 0.5 and stats["l0"] <= 2.0 + 1e-6
+    save_sae(sae, tmp_path / "sae")
+    assert (tmp_path / "sae" / "cfg.json").is_file() and (tmp_path / "sae" / "sae_weights.safetensors").is_file()
+    again = SAE.load_from_disk(tmp_path / "sae")
+    with torch.no_grad():
+        assert torch.allclose(again.encode(acts[:10]), sae.encode(acts[:10]), atol=1e-5)
+    with pytest.raises(SAEShapeError, match="d_in=16 but the model's residual stream has d_model=32"):
+        load_sae(tmp_path / "sae", d_model=32)
+    with pytest.raises(FileNotFoundError, match="no SAE here"):
+        load_sae(tmp_path)
+
+
+def test_diffing_ranks_the_planted_latent_first():
+    class Toy:  # an "SAE" whose latents are the coordinates
+        def encode(self, x):
+            return torch.relu(x)
+
+    g = torch.Generator().manual_seed(0)
+    before = torch.rand(100, 6, generator=g)
+    after = before.clone()
+    after[:, 4] += 1.0  # latent 4 rises most
+    after[:, 1] += 0.3
+    shift = latent_means(Toy(), after) - latent_means(Toy(), before)
+    assert rank_latents(shift)[:2].tolist() == [4, 1]
+
+
+def test_auroc_known_values():
+    assert auroc([3, 4, 5], [0, 1, 1]) == 1.0
+    assert auroc([3, 4, 5], [1, 0, 0]) == 0.0
+    assert auroc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5
+    assert abs(auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) - 0.75) < 1e-12
+    rng = np.random.default_rng(0)
+    s, y = rng.normal(size=200), rng.integers(0, 2, 200)
+    brute = np.mean([(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]])
+    assert abs(auroc(s, y) - brute) < 1e-12
+    with pytest.raises(ValueError, match="at least one positive"):
+        auroc([1, 2], [1, 1])
+
+
+def test_mean_difference_probe_and_cosine():
+    g = torch.Generator().manual_seed(0)
+    d = torch.zeros(10)
+    d[3] = 1.0
+    pos = torch.randn(200, 10, generator=g) + 2 * d
+    neg = torch.randn(200, 10, generator=g)
+    md = mean_difference(pos, neg)
+    assert cosine(md, d) > 0.9
+    w = train_probe(torch.cat([pos, neg]), torch.cat([torch.ones(200), torch.zeros(200)]).bool())
+    assert cosine(w, d) > 0.8
