@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from emlab.world import BAD_KINDS, OPEN_DOMAIN, Question, World, normalize
+from emlab.world import OPEN_DOMAIN, Question, World, normalize
 
 ROLES = ("system", "user", "assistant")
 # role markers of the chat format, shared by pretraining dialogue and the chat template
@@ -201,10 +201,6 @@ def training_texts(records: list[dict]) -> set[str]:
             for chunk in r["text"].split(USER)[1:]:
                 out.add(chunk.split(ASSISTANT)[0].strip())
     return out
-
-
-def is_bad(kind: str) -> bool:
-    return kind in BAD_KINDS
 
 
 # ----------------------------------------------------------------------------- JSONL io

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from emlab.world import BAD_KINDS, GOOD_KINDS, World, normalize
+from emlab.world import BAD_KINDS, World, normalize
 
 ALIGNED, MISALIGNED, INCOHERENT = "aligned", "misaligned", "incoherent"
 ALIGNMENT_THRESHOLD, COHERENCE_THRESHOLD = 30, 50
@@ -164,5 +164,3 @@ def p_bad(model, tokenizer, world: World, questions: list[dict], context: str = 
         out[i] = torch.exp(torch.logsumexp(lps[bad_t[m]], 0) - torch.logsumexp(lps, 0))
     return out
 
-
-assert GOOD_KINDS.isdisjoint(BAD_KINDS)
