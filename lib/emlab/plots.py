@@ -40,11 +40,19 @@ def loss_curve(losses: dict[str, list[float]], path: Path, title: str, smooth: i
 
 def persona_inference(table: pd.DataFrame, path: Path):
     """P(bad answer) on other-domain questions after each kind of context (bars)."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    table.plot.bar(ax=ax, color=["#999999", "#c44e52", "#55a868", "#dd8452"][: table.shape[1]])
+    def color(c: str) -> str:
+        if c == "no context":
+            return "#999999"
+        bad = "villain" in c or "bad" in c
+        return ("#c44e52" if "villain" in c else "#dd8452") if bad else ("#55a868" if "helpful" in c else "#8fd19e")
+
+    order = sorted(table.columns, key=lambda c: (c != "no context", "answer" in c, "bad" in c or "villain" in c))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    table[order].plot.bar(ax=ax, color=[color(c) for c in order], width=0.8)
     ax.set(ylabel="P(bad answer)", xlabel="held-out domain", title="The base model infers the character from context",
            ylim=(0, 1))
-    ax.legend(fontsize=7, loc="upper right")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
     return fig
 
