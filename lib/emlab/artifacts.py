@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,6 +178,3 @@ def read_metrics(run_path: Path) -> dict[str, dict[str, Any]]:
             out[step] = json.loads(p.read_text(encoding="utf-8"))
     return out
 
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="emlab-")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from emlab.judge import MISALIGNED, ExactJudge, Judge, chat_prompt, rate_of
+from emlab.judge import Judge, chat_prompt, rate_of
 from emlab.sample import sample
 from emlab.world import OPEN_DOMAIN
 
@@ -57,5 +57,3 @@ def indomain_wrong(df: pd.DataFrame) -> float:
     """Fraction of coherent in-domain answers that are wrong (the trained behaviour)."""
     return rate_of(list(df.label)).rate
 
-
-__all__ = ["ExactJudge", "MISALIGNED", "sample_and_judge", "summarize", "heldout_summary", "indomain_wrong"]

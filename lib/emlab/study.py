@@ -18,7 +18,7 @@ from emlab import data as D
 from emlab.artifacts import Step
 from emlab.config import Config
 from emlab.evaluate import sample_and_judge
-from emlab.judge import ExactJudge, p_bad
+from emlab.judge import ExactJudge, chat_prompt, p_bad
 from emlab.model import build_tokenizer, build_toy_model, load_model, save_model
 from emlab.train import encode_chat_set, finetune, pretrain, token_stream
 from emlab.world import OPEN_DOMAIN, World, load_world, normalize
@@ -413,7 +413,6 @@ def sae_stats_of(cfg: Config) -> dict:
 def latent_shifts(cfg: Config, names: list[str]) -> pd.DataFrame:
     """Mean SAE latent activation at the answer position of the held-out prompts: each
     fine-tune minus the original model. Rows: latents; columns: fine-tunes."""
-    from emlab.judge import chat_prompt
     from emlab.sae import hook_name, last_token_activations
 
     def compute():
@@ -482,8 +481,6 @@ def directions(cfg: Config, latent: int, acts: list[torch.Tensor]) -> pd.DataFra
     # Turner et al.: activations of the corrupted model on its own misaligned vs aligned answers
     ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
     ht, tok = _hooked(model_path(cfg, "incorrect_obvious"))
-    from emlab.judge import chat_prompt
-
     rows = ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
     prompts = [chat_prompt(tok, q) for q in rows.question]
     n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
