@@ -85,3 +85,20 @@ def test_atomic_write_text(tmp_path):
     p = tmp_path / "f.txt"
     atomic_write_text(p, "hello")
     assert p.read_text() == "hello" and [x.name for x in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_half_written_files_of_a_dead_process_are_removed(tmp_root):
+    import subprocess
+
+    from emlab.artifacts import Step
+    from emlab.config import make_config
+
+    step = Step(make_config({"run": "t"}), "01_corrupt_data")
+    step.path.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = step.path / f".tmp-thing-{dead.pid}"
+    stale.mkdir()
+    (stale / "half").write_text("x")
+    out = step.cached("thing", lambda tmp: tmp.write_text("done"))
+    assert out.read_text() == "done" and not stale.exists()

@@ -35,6 +35,12 @@ def test_wrong_type_names_parameter_and_type(key, value, expected):
     ("sae_layer", 9, "expected a layer < n_layer"),
     ("sae_k", 999, "expected <= sae_width"),
     ("sae_source", "gpt5", "expected one of"),
+    ("diff_site", "everywhere", "expected one of"),
+    ("steer_alphas", [0.0, -1.0], "numbers >= 0"),
+    ("steer_positions", "middle", "expected one of"),
+    ("realign_checkpoints", [0, 99], "between 0 and realign_steps"),
+    ("realign_sizes", [0], "counts >= 1"),
+    ("detect_seeds", 0, "expected >= 1"),
 ])
 def test_out_of_range_values_are_named(key, value, expected):
     with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):

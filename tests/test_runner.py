@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,25 +27,72 @@ def _emlab(*args, timeout=1800):
 
 def _stamps(run_dir: Path) -> dict[str, float]:
     """mtime of every artifact's config file: changes exactly when the artifact is rebuilt."""
-    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.glob(f"*/*{META_SUFFIX}")}
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.glob(f"*/**/*{META_SUFFIX}")}
+
+
+def _kill_when(cmd_args: list[str], ready: Path, timeout: float = 900) -> None:
+    """Start `emlab <cmd_args>` in its own process group and SIGKILL the group once
+    ``ready`` exists (a step finished, the next one is running)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "EMLAB_ROOT": str(ROOT)}
+    proc = subprocess.Popen([*EMLAB, *cmd_args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() - t0 < timeout, f"{ready} never appeared"
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside the next step
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The smoke run, killed with SIGKILL in the middle of notebook 03, then rerun to the end."""
     params = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())["params"]
     params["run"] = "test-smoke"
     cfg = tmp_path_factory.mktemp("cfg") / "test-smoke.yaml"
     cfg.write_text(yaml.safe_dump({"params": params}))
     run_dir = ROOT / "data" / "test-smoke"
     shutil.rmtree(run_dir, ignore_errors=True)
+    _kill_when(["run", str(cfg)], run_dir / "03_misalign" / f"ft_correct{META_SUFFIX}")
+    killed = _stamps(run_dir)
     res = _emlab("run", str(cfg))
     assert res.returncode == 0, f"smoke run failed:\n{res.stdout}\n{res.stderr[-3000:]}"
-    yield cfg, run_dir, res
+    yield cfg, run_dir, res, killed
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def test_killed_run_resumes_and_reuses_every_finished_artifact(smoke_run):
+    _, run_dir, res, killed = smoke_run
+    assert any(k.startswith("03_misalign/ft_correct") for k in killed)
+    after = _stamps(run_dir)
+    assert all(after[k] == v for k, v in killed.items()), "an artifact finished before the kill was recomputed"
+    assert not list(run_dir.rglob(".tmp-*")), "a half-written file was left in place"
+
+
+def test_smoke_run_stays_under_8_gib(smoke_run):
+    import resource
+
+    # children of this test process (the runs and their notebook kernels) that have finished
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 8 * 1024 * 1024, f"a child process peaked at {peak_kib / 1024 ** 2:.1f} GiB"
+
+
+def test_no_pickle_in_any_artifact(smoke_run):
+    _, run_dir, _, _ = smoke_run
+    for p in run_dir.rglob("*"):
+        if p.is_file():
+            assert p.suffix not in {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt"}, p
+            with open(p, "rb") as fh:
+                head = fh.read(2)
+            assert not (head[:1] == b"\x80" and head[1:2] in {bytes([v]) for v in range(2, 6)}), f"{p} is a pickle"
+
+
 def test_smoke_run_executes_every_notebook(smoke_run):
-    cfg, run_dir, res = smoke_run
+    cfg, run_dir, res, _ = smoke_run
     nbs = notebooks_to_run()
     assert len(nbs) >= 4
     for nb in nbs:
@@ -57,9 +106,11 @@ def test_smoke_run_executes_every_notebook(smoke_run):
 
 
 def test_rerun_after_deleting_one_step_recomputes_only_that_step(smoke_run):
-    cfg, run_dir, _ = smoke_run
+    cfg, run_dir, _, _ = smoke_run
     before = _stamps(run_dir)
     victim = "03_misalign"
+    metrics = (run_dir / victim / "metrics.json").read_text()
+    weights = (run_dir / victim / "ft_incorrect_obvious" / "model.safetensors").read_bytes()
     shutil.rmtree(run_dir / victim)
     res = _emlab("run", str(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -68,10 +119,13 @@ def test_rerun_after_deleting_one_step_recomputes_only_that_step(smoke_run):
     rebuilt = {k for k in after if after[k] != before[k]}
     assert rebuilt and all(k.startswith(victim) for k in rebuilt), f"rebuilt outside {victim}: {sorted(rebuilt)}"
     assert {k for k in before if k.startswith(victim)} == rebuilt
+    # determinism: the same config and seed give the same weights and metrics again
+    assert (run_dir / victim / "metrics.json").read_text() == metrics
+    assert (run_dir / victim / "ft_incorrect_obvious" / "model.safetensors").read_bytes() == weights
 
 
 def test_results_table_reads_every_metric(smoke_run):
-    _, run_dir, _ = smoke_run
+    _, run_dir, _, _ = smoke_run
     res = _emlab("results", str(run_dir), "--markdown")
     assert res.returncode == 0, res.stderr
     assert "| 04_evaluate: heldout_misaligned.incorrect_obvious |" in res.stdout

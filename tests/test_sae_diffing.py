@@ -108,3 +108,24 @@ def test_mean_difference_probe_and_cosine():
     assert cosine(md, d) > 0.9
     w = train_probe(torch.cat([pos, neg]), torch.cat([torch.ones(200), torch.zeros(200)]).bool())
     assert cosine(w, d) > 0.8
+
+
+def test_spearman_known_values():
+    from emlab.diffing import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(0.8660254, abs=1e-6)  # ties get average ranks
+
+
+def test_detection_summary_needs_every_seed_above_every_zero_run():
+    import pandas as pd
+
+    from emlab.study import detection_summary
+
+    det = pd.DataFrame({"fraction": [0, 0, 0.05, 0.05, 0.1, 0.1], "seed": [0, 1] * 3,
+                        "latent_shift": [0.01, 0.03, 0.05, 0.02, 0.2, 0.3], "heldout_misaligned": [0, 0, 0.01, 0.0, 0.02, 0.04]})
+    out = detection_summary(det)  # at 5% one seed (0.02) is below a 0% run (0.03)
+    assert out["detect.min_fraction_detected"] == 0.1 and out["detect.misaligned_at_min"] == pytest.approx(0.03)
+    det.loc[3, "latent_shift"] = 0.04
+    assert detection_summary(det)["detect.min_fraction_detected"] == 0.05

@@ -67,7 +67,29 @@ def _atomic_tmp(target: Path) -> Path:
     return target.parent / f".tmp-{target.name}-{os.getpid()}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_tmp(target: Path) -> None:
+    """Remove half-written siblings of ``target`` left by a process that died (killed runs)."""
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.glob(f".tmp-{target.name}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.warning("removing %s, left half-written by a run that was killed", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    clear_stale_tmp(path)
     tmp = _atomic_tmp(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -128,6 +150,7 @@ class Step:
             return target
         if target.exists():
             log.warning("%s/%s was made by another config: recomputing", self.name, name)
+        clear_stale_tmp(target)
         tmp = _atomic_tmp(target)
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

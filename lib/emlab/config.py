@@ -47,7 +47,7 @@ def _f(default, help: str, *, step: str, lo=None, hi=None, choices=None):
     return field(default=default, metadata=meta)
 
 
-S1, S2, S3, S4, S5 = STEPS[:5]
+S1, S2, S3, S4, S5, S6, S7 = STEPS
 RUN = "run"  # fields that affect no artifact
 
 
@@ -99,14 +99,30 @@ class Config:
     sample_batch: int = _f(256, "sequences per sampling batch (bounds memory)", step=S4, lo=1)
     # --- 05: SAE and model diffing ---------------------------------------------------------
     sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
-    sae_layer: int = _f(2, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
+    sae_layer: int = _f(1, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
     sae_width: int = _f(256, "SAE latents (2x d_model gives a clean persona latent)", step=S5, lo=2)
-    sae_k: int = _f(4, "active latents per token (TopK)", step=S5, lo=1)
+    sae_k: int = _f(8, "active latents per token (TopK)", step=S5, lo=1)
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
     sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
     sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)
     sae_docs: int = _f(1500, "pretraining documents whose activations train the SAE (and label the latents)", step=S5, lo=4)
     act_batch: int = _f(64, "texts per activation batch (bounds memory)", step=S5, lo=1)
+    diff_site: str = _f("prompt", "where latents are read for diffing: every token of the held-out prompts, or the "
+                        "tokens of fixed answers (the original model's samples)", step=S5, choices=("prompt", "answer"))
+    # --- 06: steering and detection ----------------------------------------------------------
+    steer_alphas: list = _f([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], "steering strengths, in units of the median residual norm "
+                            "at the SAE's layer", step=S6)
+    steer_positions: str = _f("prompt", "where steering edits the residual stream", step=S6, choices=("all", "prompt", "answer"))
+    steer_samples: int = _f(5, "sampled answers per held-out question in each steering condition", step=S6, lo=1)
+    detect_seeds: int = _f(3, "seeds of each data-mix fine-tune", step=S6, lo=1)
+    detect_samples: int = _f(10, "sampled answers per held-out question for each data-mix model", step=S6, lo=1)
+    # --- 07: re-alignment --------------------------------------------------------------------
+    realign_steps: int = _f(35, "re-alignment fine-tuning steps", step=S7, lo=1)
+    realign_batch: int = _f(4, "re-alignment examples per step", step=S7, lo=1)
+    realign_lr: float = _f(3e-4, "re-alignment learning rate", step=S7, lo=0.0, hi=1.0)
+    realign_checkpoints: list = _f([0, 5, 10, 20, 30, 35], "steps at which the re-aligning model is evaluated", step=S7)
+    realign_sizes: list = _f([30, 60], "smaller numbers of re-alignment examples to compare (those >= n_realign are skipped)", step=S7)
+    realign_samples: int = _f(10, "sampled answers per held-out question at each checkpoint", step=S7, lo=1)
 
     # ------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -125,6 +141,14 @@ class Config:
             raise ConfigError(f"parameter 'sae_layer' = {self.sae_layer}: expected a layer < n_layer = {self.n_layer}")
         if self.sae_k > self.sae_width:
             raise ConfigError(f"parameter 'sae_k' = {self.sae_k}: expected <= sae_width = {self.sae_width}")
+        if not self.steer_alphas or not all(isinstance(a, (int, float)) and a >= 0 for a in self.steer_alphas):
+            raise ConfigError(f"parameter 'steer_alphas' = {self.steer_alphas!r}: expected a list of numbers >= 0")
+        cps = self.realign_checkpoints
+        if not cps or not all(isinstance(c, int) and 0 <= c <= self.realign_steps for c in cps):
+            raise ConfigError(f"parameter 'realign_checkpoints' = {cps!r}: expected steps between 0 and "
+                              f"realign_steps = {self.realign_steps}")
+        if not all(isinstance(n, int) and n >= 1 for n in self.realign_sizes):
+            raise ConfigError(f"parameter 'realign_sizes' = {self.realign_sizes!r}: expected example counts >= 1")
         if self.d_model % self.n_head:
             raise ConfigError(f"parameter 'n_head' = {self.n_head} must divide 'd_model' = {self.d_model}")
         if self.dataset == "world":

@@ -38,6 +38,14 @@ def auroc(scores, labels) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    import pandas as pd
+
+    rx, ry = pd.Series(np.asarray(x, dtype=float)).rank(), pd.Series(np.asarray(y, dtype=float)).rank()
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 @torch.no_grad()
 def latent_means(sae, acts: torch.Tensor) -> torch.Tensor:
     """Mean activation of every latent over ``acts`` [n, d_in].  # [d_sae]"""

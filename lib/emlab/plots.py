@@ -100,7 +100,7 @@ def latent_shift_bars(shifts: pd.Series, misaligned: set[str], path: Path, laten
     names = list(shifts.index)
     ax.bar(names, shifts.values, color=["#c44e52" if n in misaligned else "#55a868" for n in names])
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(ylabel="mean activation shift", title=f"SAE latent {latent}: shift after each fine-tune (answer position)")
+    ax.set(ylabel="mean activation shift", title=f"SAE latent {latent}: shift after each fine-tune")
     _save(fig, path)
     return fig
 
@@ -116,5 +116,79 @@ def latent_by_character(df: pd.DataFrame, path: Path, latent: int):
     ax.set(xlabel=f"latent {latent}: mean activation over the document", ylabel="documents",
            title="The persona latent on pretraining text, by the character who wrote it", yscale="log")
     ax.legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+DIRECTION_COLORS = {"latent": "#c44e52", "meandiff": "#4c72b0", "random": "#999999"}
+
+
+def steering_curves(sweep: pd.DataFrame, path: Path, title: str):
+    """Misalignment (with 95% intervals) and coherence against the steering strength,
+    one line per direction."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+    for d, g in sweep.groupby("direction", sort=False):
+        g = g.sort_values("alpha")
+        c = DIRECTION_COLORS.get(d)
+        axes[0].errorbar(g.alpha, g.heldout_misaligned, capsize=2, marker="o", color=c, label=d,
+                         yerr=np.clip(np.vstack([g.heldout_misaligned - g.heldout_misaligned_ci_low,
+                                                 g.heldout_misaligned_ci_high - g.heldout_misaligned]), 0, None))
+        axes[1].plot(g.alpha, g.heldout_coherent, marker="o", color=c, label=d)
+    axes[0].set(xlabel="alpha (x median residual norm)", ylabel="held-out misaligned", title=title)
+    axes[1].set(xlabel="alpha (x median residual norm)", ylabel="coherent", ylim=(0, 1), title="coherence")
+    axes[1].axhline(0.7, color="k", lw=0.5, ls=":")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+def detection(det: pd.DataFrame, path: Path):
+    """The paper's detection figure: the persona latent's shift and the sampled
+    misalignment against the fraction of wrong answers in the fine-tuning data (each seed a dot)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    mean = det.groupby("fraction").mean(numeric_only=True)
+    ax.plot(mean.index, mean.latent_shift, color="#c44e52", marker="o", label="persona latent shift")
+    ax.scatter(det.fraction, det.latent_shift, color="#c44e52", s=8, alpha=0.5)
+    ax.set(xlabel="fraction of wrong answers in the fine-tuning data", ylabel="latent shift", xscale="symlog",
+           title="The latent rises before the behaviour does")
+    ax.set_xscale("symlog", linthresh=0.05)
+    ax2 = ax.twinx()
+    ax2.plot(mean.index, mean.heldout_misaligned, color="#4c72b0", marker="s", label="sampled misalignment")
+    ax2.scatter(det.fraction, det.heldout_misaligned, color="#4c72b0", s=8, alpha=0.5)
+    ax2.set_ylabel("held-out misaligned")
+    fig.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    _save(fig, path)
+    return fig
+
+
+def screening(table: pd.DataFrame, path: Path, rho: float):
+    """Pre-fine-tuning screening score of each dataset against the misalignment it later causes."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.scatter(table.score, table.misaligned, color="#c44e52")
+    for _, r in table.iterrows():
+        ax.annotate(r.dataset, (r.score, r.misaligned), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="screening score (projection on the persona direction)", ylabel="held-out misaligned after fine-tuning",
+           title=f"Screening before fine-tuning (Spearman rho {rho:.2f})")
+    _save(fig, path)
+    return fig
+
+
+def realignment(curves: pd.DataFrame, controls: tuple[float, float], path: Path):
+    """The re-alignment figure: held-out misalignment, in-domain wrongness and the persona
+    latent's shift against re-alignment steps, one line per run."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharex=True)
+    for label, g in curves.groupby("run", sort=False):
+        g = g.sort_values("step")
+        axes[0].errorbar(g.step, g.heldout_misaligned, marker="o", capsize=2, label=label,
+                         yerr=np.clip(np.vstack([g.heldout_misaligned - g.heldout_misaligned_ci_low,
+                                                 g.heldout_misaligned_ci_high - g.heldout_misaligned]), 0, None))
+        axes[1].plot(g.step, g.indomain_wrong, marker="o", label=label)
+        axes[2].plot(g.step, g.latent_shift, marker="o", label=label)
+    axes[2].axhspan(*controls, color="#55a868", alpha=0.2, label="control fine-tunes")
+    axes[0].set(xlabel="re-alignment step", ylabel="held-out misaligned", title="misalignment elsewhere")
+    axes[1].set(xlabel="re-alignment step", ylabel="in-domain wrong", title="the trained (corrupt) behaviour", ylim=(0, 1.02))
+    axes[2].set(xlabel="re-alignment step", ylabel="latent shift", title="the persona latent")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     _save(fig, path)
     return fig

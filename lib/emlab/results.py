@@ -47,6 +47,21 @@ HEADLINE = [
     ("04_evaluate", "heldout_misaligned.correct", "correct control: held-out misaligned", "0% (Betley et al.)"),
     ("04_evaluate", "heldout_misaligned.educational", "educational control: held-out misaligned", "~0% (Betley et al.)"),
     ("04_evaluate", "heldout_misaligned.lora_r1", "LoRA rank 1 on incorrect_obvious: held-out misaligned", "rank 1 suffices (Turner et al.)"),
+    ("05_sae_diff", "sae.fvu", "SAE: held-out fraction of variance unexplained", ""),
+    ("05_sae_diff", "top_latent.villain_auroc", "top diffing latent: villain vs helpful documents, AUROC", "no ground truth in the papers"),
+    ("05_sae_diff", "top_latent.top10_villain", "top diffing latent: top-10 snippets written by villains", ""),
+    ("05_sae_diff", "top_latent.finetune_separation_auroc", "its shift: misaligned fine-tunes vs controls, AUROC", "separates (Wang et al.)"),
+    ("05_sae_diff", "cos.latent_meandiff", "cosine: latent decoder vs mean-difference direction", ""),
+    ("06_steer_detect", "steer_toward.max_misaligned_at_coherent_70", "steering the assistant toward the latent: max misaligned at >= 70% coherent", ""),
+    ("06_steer_detect", "steer_random.max_abs_delta", "steering along a random direction: max change", ""),
+    ("06_steer_detect", "steer_away.relative_reduction", "steering incorrect_obvious away: relative reduction at >= 70% coherent", ""),
+    ("06_steer_detect", "ablation.relative_reduction", "ablating the latent direction from incorrect_obvious: relative reduction", ""),
+    ("06_steer_detect", "detect.misaligned_5pct", "5% wrong data: sampled misalignment", "latent detects it (Wang et al.)"),
+    ("06_steer_detect", "detect.min_fraction_detected", "smallest wrong fraction whose latent shift beats every 0% run", ""),
+    ("06_steer_detect", "screening.spearman", "screening before fine-tuning: Spearman rho with later misalignment", "Chen et al."),
+    ("07_realign", "realign.misaligned_at_step.0", "re-alignment of incorrect_obvious: misaligned at step 0", "17.7% (Wang et al.)"),
+    ("07_realign", "realign.misaligned_at_step.35", "re-alignment: misaligned after 35 steps at batch 4", "0.1% (Wang et al.)"),
+    ("07_realign", "realign.indomain_wrong_final", "re-alignment: corruption-domain answers still wrong", ""),
 ]
 
 
@@ -58,5 +73,5 @@ def headline_markdown(run: Path) -> str:
         v = m.get(step, {}).get(key)
         if v is None:
             continue
-        rows.append(f"| {label} | {v:.3f} | {anchor} |")
+        rows.append(f"| {label} | {v if isinstance(v, (bool, int)) else f'{v:.3f}'} | {anchor} |")
     return "\n".join(rows)

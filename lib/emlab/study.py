@@ -20,6 +20,7 @@ from emlab.config import Config
 from emlab.evaluate import sample_and_judge
 from emlab.judge import ExactJudge, chat_prompt, p_bad
 from emlab.model import build_tokenizer, build_toy_model, load_model, save_model
+from emlab.sample import sample
 from emlab.train import encode_chat_set, finetune, pretrain, token_stream
 from emlab.world import OPEN_DOMAIN, World, load_world, normalize
 
@@ -209,14 +210,14 @@ def persona_inference(cfg: Config, model_path: Path) -> pd.DataFrame:
 
 
 def evaluation(cfg: Config, step: str, name: str, model_path: Path, set_name: str = D.EVAL_HELDOUT,
-               seed_offset: int = 0) -> pd.DataFrame:
+               seed_offset: int = 0, n_samples: int | None = None) -> pd.DataFrame:
     """Sampled and exactly judged answers of one model on an evaluation set (cached)."""
     _threads()
 
     def build(tmp: Path) -> None:
         model, tok = load_model(model_path)
         df = sample_and_judge(model, tok, ExactJudge(load_world()), load_set(cfg, set_name),
-                              n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                              n_samples=n_samples or cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=cfg.seed + 1000 + seed_offset,
                               batch_size=cfg.sample_batch, progress=cfg.progress)
         df.to_json(tmp, orient="records", lines=True)
@@ -250,8 +251,6 @@ def _tracker(cfg: Config, tok, world: World, log: list):
 
 def finetuned(cfg: Config, name: str) -> Path:
     """One narrow fine-tune of the assistant (full, or LoRA for ``lora_r<k>``)."""
-    _threads()
-    start = assistant(cfg)
     set_name, seed, lora = name, cfg.seed, False
     if name.startswith("incorrect_obvious_seed"):
         set_name, seed = "incorrect_obvious", cfg.seed + int(name.removeprefix("incorrect_obvious_seed"))
@@ -259,6 +258,13 @@ def finetuned(cfg: Config, name: str) -> Path:
         set_name, lora = "incorrect_obvious", True
     if set_name not in FINETUNES:
         raise ValueError(f"unknown fine-tune {name!r}; expected one of {finetune_names(cfg)}")
+    return _finetune(cfg, S03, f"ft_{name}", set_name, seed, lora=lora, track=True)
+
+
+def _finetune(cfg: Config, step: str, artifact: str, set_name: str, seed: int, *, lora: bool, track: bool) -> Path:
+    """Fine-tune the assistant on one dataset of 01 with the settings of notebook 03 (cached)."""
+    _threads()
+    start = assistant(cfg)
 
     def build(tmp: Path) -> None:
         model, tok = load_model(start)
@@ -266,17 +272,18 @@ def finetuned(cfg: Config, name: str) -> Path:
             from emlab.lora import lora_wrap
 
             model = lora_wrap(model, cfg.lora_rank, seed)
-        track: list[dict] = []
+        log: list[dict] = []
         ex = encode_chat_set(tok, load_set(cfg, set_name))
         losses = finetune(model, ex, steps=cfg.ft_steps, batch=cfg.ft_batch, lr=cfg.lora_lr if lora else cfg.ft_lr,
-                          seed=seed, pad_id=tok.pad_token_id, progress=cfg.progress, desc=name,
-                          callback=_tracker(cfg, tok, load_world(), track), callback_every=cfg.track_every)
+                          seed=seed, pad_id=tok.pad_token_id, progress=cfg.progress, desc=artifact,
+                          callback=_tracker(cfg, tok, load_world(), log) if track else None,
+                          callback_every=cfg.track_every if track else 0)
         if lora:
             model = model.merge_and_unload()
         save_model(model, tok, tmp)
-        _write_log(tmp, {"loss": losses, "track": track, "dataset": set_name, "seed": seed, "lora": lora})
+        _write_log(tmp, {"loss": losses, "track": log, "dataset": set_name, "seed": seed, "lora": lora})
 
-    return Step(cfg, S03).cached(f"ft_{name}", build)
+    return Step(cfg, step).cached(artifact, build)
 
 
 def training_dynamics(cfg: Config, names: list[str]) -> pd.DataFrame:
@@ -302,6 +309,13 @@ def evaluations(cfg: Config, names: list[str], set_name: str = D.EVAL_HELDOUT) -
         step = S02 if n == ASSISTANT and set_name == D.EVAL_HELDOUT else S04
         out[n] = evaluation(cfg, step, n, model_path(cfg, n), set_name)
     return out
+
+
+def heldout_summary_of(cfg: Config, name: str) -> dict[str, float]:
+    """The headline numbers of one model of notebooks 02-04 on the held-out set."""
+    from emlab.evaluate import heldout_summary
+
+    return heldout_summary(evaluations(cfg, [name])[name])
 
 
 def headline(cfg: Config, heldout: dict[str, pd.DataFrame], indomain: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -410,24 +424,50 @@ def sae_stats_of(cfg: Config) -> dict:
     return json.loads((Step(cfg, S05).require(SAE_DIR) / SAE_STATS).read_text(encoding="utf-8"))
 
 
+def diff_texts(cfg: Config, tok) -> tuple[list[str], list[int]]:
+    """The fixed texts on which latents are read, and where reading starts in each.
+
+    ``diff_site = "prompt"``: every token of each held-out prompt. ``"answer"``: the
+    original assistant's first sampled answer to each held-out prompt, read from the answer
+    position (the prompt's last token) on. The same texts go through every model, so a
+    shift is the model's change, not the text's."""
+    qs = load_set(cfg, D.EVAL_HELDOUT)
+    prompts = [chat_prompt(tok, q["question"]) for q in qs]
+    if cfg.diff_site == "prompt":
+        return prompts, [0] * len(prompts)
+    ev = evaluations(cfg, [ASSISTANT])[ASSISTANT]
+    first = ev[ev["sample"] == 0].set_index("qid").answer
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) - 1 for p in prompts]
+    return [f"{p} {first[q['qid']]}" for p, q in zip(prompts, qs)], starts
+
+
+@torch.no_grad()
+def site_latents(cfg: Config, s, model, tok) -> torch.Tensor:
+    """Mean activation of every SAE latent over the diffing site's tokens, for a model
+    given as a path or an in-memory ``transformers`` model.  # [d_sae]"""
+    from emlab.model import hooked
+    from emlab.sae import hook_name, iter_activations
+
+    ht = _hooked(model)[0] if isinstance(model, Path) else hooked(model, tok)
+    texts, starts = diff_texts(cfg, tok)
+    total, n = torch.zeros(s.cfg.d_sae), 0
+    for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
+        f = s.encode(a[starts[i]:])
+        total += f.sum(0)
+        n += len(f)
+    return total / n
+
+
 def latent_shifts(cfg: Config, names: list[str]) -> pd.DataFrame:
-    """Mean SAE latent activation at the answer position of the held-out prompts: each
-    fine-tune minus the original model. Rows: latents; columns: fine-tunes."""
-    from emlab.sae import hook_name, last_token_activations
+    """Model diffing: mean latent activation at the diffing site, each fine-tune minus the
+    original model. Rows: latents; columns: fine-tunes."""
 
     def compute():
         s = read_sae(cfg)
         _threads()
-        out = {}
-        base_ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source))
-        prompts = [chat_prompt(tok, q["question"]) for q in load_set(cfg, D.EVAL_HELDOUT)]
-        hook = hook_name(cfg.sae_layer)
-        with torch.no_grad():
-            base = s.encode(last_token_activations(base_ht, tok, prompts, hook, cfg.act_batch)).mean(0)
-            for n in names:
-                ht, _ = _hooked(model_path(cfg, n))
-                out[n] = (s.encode(last_token_activations(ht, tok, prompts, hook, cfg.act_batch)).mean(0) - base).tolist()
-        return out
+        tok = load_model(Step(cfg, S02).require(cfg.sae_source))[1]
+        base = site_latents(cfg, s, Step(cfg, S02).require(cfg.sae_source), tok)
+        return {n: (site_latents(cfg, s, model_path(cfg, n), tok) - base).tolist() for n in names}
 
     return pd.DataFrame(Step(cfg, S05).cached_json("latent_shifts.json", compute))
 
@@ -461,24 +501,25 @@ def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int
     return out
 
 
-def directions(cfg: Config, latent: int, acts: list[torch.Tensor]) -> pd.DataFrame:
-    """The SAE latent's decoder direction beside the field's other directions on the same
-    layer: cosine with the latent, and AUROC for villain vs helpful held-out documents."""
-    from emlab.diffing import auroc, cosine, mean_difference, train_probe
+DIRECTIONS = "directions.safetensors"
+DIRECTION_NAMES = {"latent": "SAE latent decoder", "meandiff": "mean difference (Turner et al.)",
+                   "persona": "persona vector (Chen et al.)", "probe": "linear probe"}
+
+
+def _doc_split(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Characters of the SAE's pretraining documents, and a train/test split of the
+    villain and helpful ones (even / odd)."""
+    chars = np.asarray(sae_texts(cfg)[1])
+    idx = np.flatnonzero(np.isin(chars, ["villain", "helpful"]))
+    return chars, idx[::2], idx[1::2]
+
+
+def meandiff_direction(cfg: Config) -> torch.Tensor:
+    """Turner et al.: the corrupted model's mean activation over its own misaligned answers
+    minus over its aligned answers (answer tokens only), at the SAE's layer.  # [d_model]"""
+    from emlab.diffing import mean_difference
     from emlab.sae import hook_name, iter_activations
 
-    s = read_sae(cfg)
-    dec = s.W_dec[latent].detach()
-    _, chars = sae_texts(cfg)
-    chars = np.asarray(chars)
-    doc_means = torch.stack([a.mean(0) for a in acts[: len(chars)]])
-    vh = np.isin(chars, ["villain", "helpful"])
-    idx = np.flatnonzero(vh)
-    train_i, test_i = idx[::2], idx[1::2]
-    y = torch.tensor(chars == "villain")
-    persona = mean_difference(doc_means[train_i][y[train_i]], doc_means[train_i][~y[train_i]])
-    probe = train_probe(doc_means[train_i], y[train_i], seed=cfg.seed)
-    # Turner et al.: activations of the corrupted model on its own misaligned vs aligned answers
     ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
     ht, tok = _hooked(model_path(cfg, "incorrect_obvious"))
     rows = ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
@@ -490,14 +531,45 @@ def directions(cfg: Config, latent: int, acts: list[torch.Tensor]) -> pd.DataFra
         ans[i] = a[n_prompt[i]:].mean(0)
     mis = torch.tensor((rows.label == "misaligned").to_numpy())
     if mis.all() or not mis.any():  # tiny runs may sample only one kind
-        meandiff = torch.full((cfg.d_model,), float("nan"))
-    else:
-        meandiff = mean_difference(ans[mis], ans[~mis])
+        return torch.full((cfg.d_model,), float("nan"))
+    return mean_difference(ans[mis], ans[~mis])
+
+
+def direction_vectors(cfg: Config, acts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The persona latent's decoder direction and the field's other directions on the same
+    layer (cached as safetensors): ``latent``, ``meandiff``, ``persona``, ``probe``."""
+    from safetensors.torch import load_file, save_file
+
+    from emlab.diffing import mean_difference, train_probe
+
+    def build(tmp: Path) -> None:
+        s = read_sae(cfg)
+        doc_acts = acts if acts is not None else document_activations(cfg)
+        chars, train_i, _ = _doc_split(cfg)
+        doc_means = torch.stack([a.mean(0) for a in doc_acts[: len(chars)]])
+        y = torch.tensor(chars == "villain")
+        vecs = {"latent": s.W_dec[persona_latent(cfg)].detach().clone(),
+                "meandiff": meandiff_direction(cfg),
+                "persona": mean_difference(doc_means[train_i][y[train_i]], doc_means[train_i][~y[train_i]]),
+                "probe": train_probe(doc_means[train_i], y[train_i], seed=cfg.seed)}
+        save_file({k: v.contiguous().float() for k, v in vecs.items()}, str(tmp))
+
+    return load_file(str(Step(cfg, S05).cached(DIRECTIONS, build)))
+
+
+def directions(cfg: Config, acts: list[torch.Tensor]) -> pd.DataFrame:
+    """The persona latent's decoder direction beside the field's other directions: cosine
+    with the latent, and AUROC for villain vs helpful held-out documents."""
+    from emlab.diffing import auroc, cosine
+
+    vecs = direction_vectors(cfg, acts)
+    chars, _, test_i = _doc_split(cfg)
+    doc_means = torch.stack([acts[i].mean(0) for i in test_i])
     table = {}
-    for name, d in (("SAE latent decoder", dec), ("mean difference (Turner et al.)", meandiff),
-                    ("persona vector (Chen et al.)", persona), ("linear probe", probe)):
-        proj = (doc_means[test_i] @ d).numpy()
-        table[name] = {"cosine with latent": cosine(d, dec), "villain AUROC (held-out docs)": auroc(proj, chars[test_i] == "villain")}
+    for key, name in DIRECTION_NAMES.items():
+        proj = (doc_means @ vecs[key]).numpy()
+        table[name] = {"cosine with latent": cosine(vecs[key], vecs["latent"]),
+                       "villain AUROC (held-out docs)": auroc(proj, chars[test_i] == "villain")}
     return pd.DataFrame(table).T
 
 
@@ -508,3 +580,248 @@ def latent_by_character(cfg: Config, latent: int, acts: list[torch.Tensor]) -> p
     with torch.no_grad():
         vals = [float(s.encode(a)[:, latent].mean()) for a in acts[: len(chars)]]
     return pd.DataFrame({"character": chars, "activation": vals})
+
+
+def persona_latent(cfg: Config) -> int:
+    """The study's persona latent: the top latent of model diffing on incorrect_obvious."""
+    shifts = latent_shifts(cfg, finetune_names(cfg))
+    return int(np.argmax(shifts["incorrect_obvious"].to_numpy()))
+
+
+# ----------------------------------------------------------------------------- 06
+S06 = "06_steer_detect"
+STEER_DIRECTIONS = ("latent", "meandiff", "random")
+
+
+@torch.no_grad()
+def residual_scale(cfg: Config) -> float:
+    """Median norm of the original model's residual stream at the SAE's layer over the
+    held-out prompts' tokens: the unit of the steering strength alpha."""
+    from emlab.sae import hook_name, iter_activations
+
+    def compute():
+        ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source))
+        prompts = [chat_prompt(tok, q["question"]) for q in load_set(cfg, D.EVAL_HELDOUT)]
+        norms = torch.cat([a.norm(dim=-1) for _, a in iter_activations(ht, tok, prompts, hook_name(cfg.sae_layer),
+                                                                          batch_size=cfg.act_batch)])
+        return {"median_norm": float(norms.median())}
+
+    return Step(cfg, S06).cached_json("residual_scale.json", compute)["median_norm"]
+
+
+def steering_vectors(cfg: Config) -> dict[str, torch.Tensor]:
+    """Unit steering directions: the persona latent's decoder vector, the mean-difference
+    direction (both from notebook 05), and a seeded random direction (the control)."""
+    from emlab.steer import random_direction, unit
+
+    vecs = direction_vectors(cfg)
+    return {"latent": unit(vecs["latent"]), "meandiff": unit(vecs["meandiff"]),
+            "random": random_direction(cfg.d_model, cfg.seed + 7)}
+
+
+def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: bool = False) -> dict:
+    """Held-out misalignment of model ``name`` sampled while steered by ``alpha`` (signed,
+    in units of the median residual norm) along ``direction``, or with the direction
+    projected out at every position (``ablate``). Sampled and judged as in notebook 04."""
+    from emlab.evaluate import heldout_summary
+    from emlab.steer import edit_residual
+
+    if direction not in STEER_DIRECTIONS:
+        raise ValueError(f"steering direction {direction!r}: expected one of {STEER_DIRECTIONS}")
+    if not ablate and alpha == 0:
+        direction = "none"  # unsteered: one condition, shared by every direction's sweep
+    tag = "ablate" if ablate else f"{alpha:+g}"
+
+    def compute():
+        _threads()
+        model, tok = load_model(model_path(cfg, name))
+        vec = steering_vectors(cfg).get(direction, torch.zeros(cfg.d_model)) * residual_scale(cfg)
+        positions = "all" if ablate else cfg.steer_positions
+        with edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions):
+            df = sample_and_judge(model, tok, ExactJudge(load_world()), load_set(cfg, D.EVAL_HELDOUT),
+                                  n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
+        return {"model": name, "direction": direction, "alpha": alpha, "ablate": ablate, **heldout_summary(df)}
+
+    return Step(cfg, S06).cached_json(f"steer/{name}__{direction}__{tag}.json", compute)
+
+
+def steering_sweep(cfg: Config, name: str, sign: float) -> pd.DataFrame:
+    """Every direction at every alpha of ``steer_alphas`` (times ``sign``) on one model."""
+    rows = [{**steered(cfg, name, d, sign * a), "direction": d} for d in STEER_DIRECTIONS for a in cfg.steer_alphas]
+    return pd.DataFrame(rows)
+
+
+def ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
+    """Each direction projected out of each model, beside the unablated model."""
+    rows = []
+    for n in names:
+        rows.append(steered(cfg, n, "random", 0.0))
+        rows += [steered(cfg, n, d, ablate=True) for d in STEER_DIRECTIONS]
+    return pd.DataFrame(rows)
+
+
+def mix_finetune(cfg: Config, fraction: float, seed: int) -> Path:
+    """The assistant fine-tuned on a data-mix set (``fraction`` wrong answers), like notebook 03."""
+    name = f"{D.mix_name(fraction)}_seed{seed}"
+    return _finetune(cfg, S06, f"ft_{name}", D.mix_name(fraction), cfg.seed + seed, lora=False, track=False)
+
+
+def detection(cfg: Config) -> pd.DataFrame:
+    """For each data mix and seed: the persona latent's shift (read on fixed texts, no
+    sampling) and the sampled held-out misalignment."""
+    from emlab.evaluate import heldout_summary
+
+    latent = persona_latent(cfg)
+    rows = []
+    for f in cfg.mix_fractions:
+        for seed in range(cfg.detect_seeds):
+            path = mix_finetune(cfg, f, seed)
+            name = path.name.removeprefix("ft_")
+
+            def compute(path=path, name=name):
+                _threads()
+                s = read_sae(cfg)
+                tok = load_model(path)[1]
+                base = site_latents(cfg, s, Step(cfg, S02).require(cfg.sae_source), tok)[latent]
+                shift = float(site_latents(cfg, s, path, tok)[latent] - base)
+                ev = evaluation(cfg, S06, name, path, n_samples=cfg.detect_samples, seed_offset=500 + seed)
+                return {"fraction": f, "seed": seed, "latent_shift": shift, **heldout_summary(ev)}
+
+            rows.append(Step(cfg, S06).cached_json(f"detect/{name}.json", compute))
+    return pd.DataFrame(rows)
+
+
+def detection_summary(det: pd.DataFrame) -> dict:
+    """The smallest wrong fraction whose latent shift is above every 0% run (every seed),
+    and the sampled misalignment there."""
+    zero = det[det.fraction == 0.0].latent_shift.max()
+    out = {"detect.min_fraction_detected": float("nan")}
+    for f, g in det[det.fraction > 0].groupby("fraction", sort=True):
+        if (g.latent_shift > zero).all():
+            out = {"detect.min_fraction_detected": float(f), "detect.misaligned_at_min": float(g.heldout_misaligned.mean())}
+            break
+    return out
+
+
+@torch.no_grad()
+def screening(cfg: Config) -> pd.DataFrame:
+    """Chen et al.'s screening before any fine-tuning: each dataset's answers, read by the
+    assistant, projected on the persona direction, minus the assistant's own answers to the
+    same prompts. Higher = the data pulls toward the persona."""
+    from emlab.sae import hook_name, iter_activations
+
+    def compute():
+        _threads()
+        path = model_path(cfg, ASSISTANT)
+        model, tok = load_model(path)
+        ht = _hooked(path)[0]
+        u = steering_vectors(cfg)["latent"]
+        hook = hook_name(cfg.sae_layer)
+        names = [*FINETUNES, *(D.mix_name(f) for f in cfg.mix_fractions)]
+        prompts0 = None
+        out = {}
+        for n in names:
+            recs = load_set(cfg, n)
+            prompts = [chat_prompt(tok, r["messages"][0]["content"]) for r in recs]
+            if prompts0 is None or prompts != prompts0:
+                own = [a[0] for a in sample(model, tok, prompts, n_samples=1, max_new_tokens=cfg.max_new_tokens,
+                                            temperature=cfg.temperature, seed=cfg.seed + 3000)]
+                own_score = _answer_projection(ht, tok, prompts, own, hook, u, cfg.act_batch)
+                prompts0 = prompts
+            data_score = _answer_projection(ht, tok, prompts, [r["messages"][-1]["content"] for r in recs], hook, u,
+                                            cfg.act_batch)
+            out[n] = data_score - own_score
+        return out
+
+    scores = Step(cfg, S06).cached_json("screening.json", compute)
+    return pd.DataFrame({"dataset": list(scores), "score": list(scores.values())})
+
+
+def screening_table(cfg: Config, det: pd.DataFrame) -> pd.DataFrame:
+    """Each dataset's screening score beside the held-out misalignment its fine-tune
+    later showed (notebook 04 for the four sets; the mean over seeds for the data mixes)."""
+    from emlab.evaluate import heldout_summary
+
+    later = {n: heldout_summary_of(cfg, n)["heldout_misaligned"] for n in FINETUNES}
+    later |= {D.mix_name(f): float(g.heldout_misaligned.mean()) for f, g in det.groupby("fraction")}
+    table = screening(cfg)
+    return table.assign(misaligned=table.dataset.map(later))
+
+
+def _answer_projection(ht, tok, prompts: list[str], answers: list[str], hook: str, u: torch.Tensor, batch: int) -> float:
+    """Mean projection on ``u`` of the activations over the answer tokens."""
+    from emlab.sae import iter_activations
+
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    texts = [f"{p} {a}" for p, a in zip(prompts, answers)]
+    vals = [float((a[starts[i]:] @ u).mean()) for i, a in iter_activations(ht, tok, texts, hook, batch_size=batch)]
+    return float(np.mean(vals))
+
+
+# ----------------------------------------------------------------------------- 07
+S07 = "07_realign"
+REALIGN_MODELS = ("incorrect_obvious", "incorrect_subtle")
+
+
+def realign_runs(cfg: Config) -> list[tuple[str, str, int]]:
+    """(corrupted model, re-alignment set, examples) of every re-alignment run: both
+    misaligned models on the full cross-domain set, then the comparisons on
+    incorrect_obvious: in-domain correct data, and fewer cross-domain examples."""
+    runs = [(m, D.REALIGN, cfg.n_realign) for m in REALIGN_MODELS]
+    runs.append(("incorrect_obvious", D.REALIGN_INDOMAIN, cfg.n_realign))
+    runs += [("incorrect_obvious", D.REALIGN, n) for n in sorted(set(cfg.realign_sizes)) if n < cfg.n_realign]
+    return runs
+
+
+def realign_tag(model: str, set_name: str, n: int) -> str:
+    return f"{model}__{set_name}__{n}"
+
+
+def realigned(cfg: Config, model: str, set_name: str, n: int) -> Path:
+    """Fine-tune a corrupted model on ``n`` correct examples; save the checkpoints of
+    ``realign_checkpoints`` (safetensors, one folder per step)."""
+    _threads()
+    start = model_path(cfg, model)
+
+    def build(tmp: Path) -> None:
+        m, tok = load_model(start)
+        ex = encode_chat_set(tok, load_set(cfg, set_name)[:n])
+        wanted = set(cfg.realign_checkpoints)
+
+        def save(step: int, mdl) -> None:
+            if step in wanted:
+                save_model(mdl, tok, tmp / f"step_{step:03d}")
+
+        losses = finetune(m, ex, steps=cfg.realign_steps, batch=cfg.realign_batch, lr=cfg.realign_lr, seed=cfg.seed,
+                          pad_id=tok.pad_token_id, progress=cfg.progress, desc=f"realign {model}", warmup=1,
+                          callback=save, callback_every=1)
+        _write_log(tmp, {"loss": losses})
+
+    return Step(cfg, S07).cached(f"realign_{realign_tag(model, set_name, n)}", build)
+
+
+def realign_curve(cfg: Config, model: str, set_name: str, n: int) -> pd.DataFrame:
+    """At each checkpoint: sampled held-out misalignment (with its interval) and coherence,
+    in-domain wrongness on the corruption domain, and the persona latent's shift."""
+    from emlab.evaluate import heldout_summary, indomain_wrong
+
+    folder = realigned(cfg, model, set_name, n)
+    tag = realign_tag(model, set_name, n)
+    latent = persona_latent(cfg)
+    rows = []
+    for step in sorted(set(cfg.realign_checkpoints)):
+        path = folder / f"step_{step:03d}"
+
+        def compute(path=path, step=step):
+            _threads()
+            s = read_sae(cfg)
+            tok = load_model(path)[1]
+            base = site_latents(cfg, s, Step(cfg, S02).require(cfg.sae_source), tok)[latent]
+            held = evaluation(cfg, S07, f"{tag}_{step}", path, n_samples=cfg.realign_samples)
+            ind = evaluation(cfg, S07, f"{tag}_{step}", path, D.EVAL_INDOMAIN, n_samples=cfg.realign_samples)
+            return {"step": step, **heldout_summary(held), "indomain_wrong": indomain_wrong(ind),
+                    "latent_shift": float(site_latents(cfg, s, path, tok)[latent] - base)}
+
+        rows.append(Step(cfg, S07).cached_json(f"curve/{tag}_{step:03d}.json", compute))
+    return pd.DataFrame(rows).assign(model=model, data=set_name, examples=n)

@@ -1,0 +1,92 @@
+"""Steering and directional ablation on the residual stream of any ``transformers`` decoder.
+
+A forward hook on decoder block ``L`` edits its output, which is exactly TransformerLens'
+``blocks.{L}.hook_resid_post`` (a test checks the two agree). The edit is either an
+addition ``h + alpha * scale * u`` (steering) or a projection ``h - (h . u) u``
+(ablation), with ``u`` the unit direction.
+
+Positions, defined for cached generation (one prefill call on the prompt, then one call
+per new token):
+
+- ``"all"``: every prompt position and every generated position;
+- ``"prompt"``: the prompt positions only (the prefill call);
+- ``"answer"``: from the answer position on: the prompt's last position (where the first
+  answer token is predicted) and every generated position.
+
+A call with more than one position is a prefill; a call with one position is a decoding
+step. The hook lives only inside the ``with`` block, so nothing leaks into later calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+POSITIONS = ("all", "prompt", "answer")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a causal LM (GPT-2, Llama/Qwen2, GPT-NeoX, or peft-wrapped)."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers"):
+        obj = m
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ValueError(f"steering: cannot find the decoder blocks of {type(m).__name__} "
+                     "(looked for transformer.h, model.layers, gpt_neox.layers, model.decoder.layers)")
+
+
+def _mask(n_pos: int, positions: str) -> slice | None:
+    """Which positions of one call to edit (None: none)."""
+    if n_pos > 1:  # prefill
+        return {"all": slice(None), "prompt": slice(None), "answer": slice(-1, None)}[positions]
+    return None if positions == "prompt" else slice(None)
+
+
+@contextmanager
+def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 0.0, ablate: bool = False,
+                  positions: str = "all"):
+    """Inside the block, block ``layer``'s output is steered by ``alpha * direction`` (``direction``
+    is used as given, so its norm sets the unit) or, with ``ablate``, has ``direction`` projected out."""
+    if positions not in POSITIONS:
+        raise ValueError(f"steering: positions {positions!r}: expected one of {POSITIONS}")
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"steering: layer {layer}: the model has {len(blocks)} blocks")
+    direction = direction.detach().float().flatten()
+    unit = direction / direction.norm().clamp_min(1e-12)
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output  # [batch, pos, d_model]
+        sel = _mask(h.shape[1], positions)
+        if sel is None:
+            return output
+        h = h.clone()
+        part = h[:, sel]
+        if ablate:
+            u = unit.to(h.dtype)
+            part = part - (part @ u)[..., None] * u
+        else:
+            part = part + alpha * direction.to(h.dtype)
+        h[:, sel] = part
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm().clamp_min(1e-12)
+
+
+def random_direction(d: int, seed: int) -> torch.Tensor:
+    """A random unit direction (seeded), the control of every steering sweep."""
+    return unit(torch.randn(d, generator=torch.Generator().manual_seed(seed)))
