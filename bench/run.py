@@ -1,16 +1,29 @@
 """Benchmarks of the study, each a ratio against a baseline measured in the same run.
 
 Written to bench/results.md with the machine's description. Not a test: CI times nothing.
+A and B are alternated and each rate is the median of ``--repeats`` runs.
 
-- pretraining: tokens/s of emlab.train.pretrain's step on the default toy model, and model
-  FLOP utilisation (MFU) against the fp32 matmul rate measured on this machine just before.
+- sampling: ``emlab.sample`` (batched, KV cache, prompts grouped by length) vs
+  ``transformers`` ``generate`` called once per prompt with ``num_return_sequences`` (the
+  papers' scripts), same model, prompts, samples and maximum length: new tokens/s.
+- SAE training: the project's SAELens-based trainer vs a minimal plain-torch TopK loop
+  (``PlainTopK`` below), same activations, width, k, batch and steps: activations/s and
+  held-out FVU.
+- activation collection: ``emlab.sae.iter_activations`` (one hook, stops at the layer) vs
+  TransformerLens ``run_with_cache`` on the full cache: tokens/s.
+- training: pretraining and fine-tuning tokens/s, and model FLOP utilisation against the
+  fp32 matmul rate measured on this machine in the same run.
+- end to end: wall time of each notebook of a finished run (from the executed notebooks'
+  papermill metadata), if ``--run`` names one.
+- how cost grows: pretraining, sampling and SAE training time at 1x, 2x, 4x their size.
 
-Usage: python bench/run.py [--steps N] [--out bench/results.md]
+Usage: python bench/run.py [--quick] [--repeats N] [--run data/default] [--out bench/results.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -19,9 +32,25 @@ from pathlib import Path
 import torch
 
 from emlab.config import make_config
-from emlab.model import build_tokenizer, build_toy_model
-from emlab.train import lm_loss
+from emlab.model import build_tokenizer, build_toy_model, hooked
+from emlab.sae import hook_name, iter_activations, sae_stats, train_sae
+from emlab.sample import sample
+from emlab.train import collate, lm_loss
 from emlab.world import load_world
+
+
+# ----------------------------------------------------------------------------- helpers
+def alternate(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Run ``a()`` and ``b()`` alternately ``repeats`` times; each returns a rate."""
+    ra, rb = [], []
+    for _ in range(repeats):
+        ra.append(a())
+        rb.append(b())
+    return ra, rb
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
 
 
 def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -44,44 +73,282 @@ def model_flops_per_token(model, seq_len: int) -> float:
     return 6 * n_params + 12 * c.n_layer * c.n_embd * seq_len
 
 
-def pretrain_rate(cfg, steps: int, seq_len: int = 128) -> tuple[float, float]:
-    """Pretraining tokens/s (median over steps after warm-up) and FLOPs per token."""
+def toy(cfg):
     tok = build_tokenizer([" ".join(sorted(load_world().words()))])
-    model = build_toy_model(cfg, tok)
+    return build_toy_model(cfg, tok).eval(), tok
+
+
+def prompts_of(n: int) -> list[str]:
+    """Chat prompts of the world's own questions."""
+    world = load_world()
+    qs = [q.text for d in (*world.domain_names, "open") for q in world.questions(d)]
+    return [f"<|user|> {q} <|end|> <|assistant|>" for q in qs[:: max(1, len(qs) // n)][:n]]
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def bench_training(cfg, steps: int) -> dict:
+    model, tok = toy(cfg)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, len(tok), (cfg.pretrain_batch, seq_len))
-    times = []
-    for i in range(steps + 2):
+    out = {}
+    for name, batch, seq in (("pretraining", cfg.pretrain_batch, 128), ("fine-tuning", cfg.ft_batch, 40)):
+        x = torch.randint(0, len(tok), (batch, seq))
+        times = []
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            if name == "pretraining":
+                loss = lm_loss(model, {"input_ids": x, "labels": x})
+            else:
+                ex = [(row.tolist(), [-100] * 20 + row.tolist()[20:]) for row in x]
+                loss = lm_loss(model, collate(ex, tok.pad_token_id))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        out[name] = (batch * seq / med(times), model_flops_per_token(model, seq))
+    return out
+
+
+def bench_sampling(cfg, n_prompts: int, n_samples: int, max_new: int, repeats: int) -> dict:
+    model, tok = toy(cfg)
+    prompts = prompts_of(n_prompts)
+    never = len(tok) + 10  # no stop token: both produce exactly max_new tokens per sample
+    total = n_prompts * n_samples * max_new
+
+    def ours() -> float:
         t = time.perf_counter()
-        loss = lm_loss(model, {"input_ids": x, "labels": x})
+        sample(model, tok, prompts, n_samples=n_samples, max_new_tokens=max_new, temperature=1.0, seed=0,
+               stop_id=never)
+        return total / (time.perf_counter() - t)
+
+    def hf() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+                model.generate(ids, do_sample=True, temperature=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
+                               num_return_sequences=n_samples, pad_token_id=tok.pad_token_id,
+                               attention_mask=torch.ones_like(ids))
+        return total / (time.perf_counter() - t)
+
+    a, b = alternate(ours, hf, repeats)
+    return {"ours": med(a), "hf": med(b)}
+
+
+class PlainTopK(torch.nn.Module):
+    """The baseline: a minimal TopK SAE in plain torch (same parametrisation as SAELens')."""
+
+    def __init__(self, d_in: int, width: int, k: int):
+        super().__init__()
+        self.k = k
+        self.W_enc = torch.nn.Parameter(torch.randn(d_in, width) / d_in**0.5)
+        self.W_dec = torch.nn.Parameter(self.W_enc.data.T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(width))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
+
+    def encode(self, x):
+        pre = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        top = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec
+
+
+def train_plain(acts, width, k, steps, batch, lr, seed) -> PlainTopK:
+    torch.manual_seed(seed)
+    sae = PlainTopK(acts.shape[1], width, k)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = acts[torch.randint(0, len(acts), (batch,), generator=gen)]
+        loss = ((sae.decode(sae.encode(x)) - x) ** 2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    tokens = cfg.pretrain_batch * seq_len
-    return tokens / statistics.median(times), model_flops_per_token(model, seq_len)
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+    return sae
 
 
+@torch.no_grad()
+def fvu(sae, test) -> float:
+    rec = sae.decode(sae.encode(test))
+    return float(((rec - test) ** 2).sum() / ((test - test.mean(0)) ** 2).sum())
+
+
+def model_activations(cfg, n_texts: int, layer: int) -> torch.Tensor:
+    """Activations of a briefly trained toy model (random models give structureless activations)."""
+    from emlab.data import pretraining_docs, split_questions
+    from emlab.train import pretrain, token_stream
+
+    model, tok = toy(cfg)
+    world = load_world()
+    docs = [d["text"] for d in pretraining_docs(world, split_questions(world, 0, cfg.eval_fraction), n_texts, 0,
+                                                turns_per_doc=cfg.turns_per_doc, p_narrative=cfg.p_narrative,
+                                                p_open_turn=cfg.p_open_turn, p_quiz_turn=cfg.p_quiz_turn)]
+    pretrain(model, token_stream(tok, docs), steps=10 if n_texts < 100 else 100, batch=16, seq_len=128, lr=2e-3, seed=0, progress=False)
+    ht = hooked(model.eval(), tok)
+    return torch.cat([a for _, a in iter_activations(ht, tok, docs, hook_name(layer))]), ht, tok, docs
+
+
+def bench_sae(acts, width, k, steps, batch, repeats) -> dict:
+    perm = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
+    test, train = perm[:2000], perm[2000:]
+    res = {"ours": [], "plain": [], "ours_fvu": None, "plain_fvu": None}
+
+    def ours() -> float:
+        t = time.perf_counter()
+        s = train_sae(train, width=width, k=k, steps=steps, batch=batch, lr=3e-3, seed=0)
+        r = steps * batch / (time.perf_counter() - t)
+        res["ours_fvu"] = sae_stats(s, test, train[:5000])["fvu"]
+        return r
+
+    def plain() -> float:
+        t = time.perf_counter()
+        s = train_plain(train, width, k, steps, batch, 3e-3, 0)
+        r = steps * batch / (time.perf_counter() - t)
+        res["plain_fvu"] = fvu(s, test)
+        return r
+
+    res["ours"], res["plain"] = alternate(ours, plain, repeats)
+    return res
+
+
+def bench_activations(ht, tok, docs, layer, repeats) -> dict:
+    hook = hook_name(layer)
+    n_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"][: ht.cfg.n_ctx]) for d in docs)
+
+    def ours() -> float:
+        t = time.perf_counter()
+        for _ in iter_activations(ht, tok, docs, hook, batch_size=64):
+            pass
+        return n_tokens / (time.perf_counter() - t)
+
+    def full() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, len(docs), 64):
+                enc = [tok(d, add_special_tokens=False)["input_ids"][: ht.cfg.n_ctx] for d in docs[s : s + 64]]
+                n = max(map(len, enc))
+                x = torch.full((len(enc), n), tok.pad_token_id)
+                for i, e in enumerate(enc):
+                    x[i, : len(e)] = torch.tensor(e)
+                _, cache = ht.run_with_cache(x)
+                [cache[hook][i, : len(e)].clone() for i, e in enumerate(enc)]
+        return n_tokens / (time.perf_counter() - t)
+
+    a, b = alternate(ours, full, repeats)
+    return {"ours": med(a), "full": med(b)}
+
+
+def notebook_times(run: Path) -> list[tuple[str, float, float | None]]:
+    """(notebook, seconds, peak memory of the kernels so far in MiB) of a finished run:
+    the runner's run_log.json, else the executed notebooks' papermill metadata."""
+    log = run / "notebooks" / "run_log.json"
+    if log.is_file():
+        entries = json.loads(log.read_text(encoding="utf-8"))
+        return [(k, v["seconds"], v.get("peak_rss_mib_so_far")) for k, v in sorted(entries.items())]
+    out = []
+    for nb in sorted((run / "notebooks").glob("*.ipynb")):
+        meta = json.loads(nb.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+        if meta.get("duration") is not None:
+            out.append((nb.stem, float(meta["duration"]), None))
+    return out
+
+
+def scaling(cfg, quick: bool) -> list[tuple[str, list[float]]]:
+    """Seconds of each stage at 1x, 2x, 4x its size."""
+    base = 2 if quick else 20
+    model, tok = toy(cfg)
+    rows = []
+    # pretraining: time per corpus pass grows with the tokens; measured as steps over 1x/2x/4x tokens
+    x = torch.randint(0, len(tok), (cfg.pretrain_batch, 128))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times = []
+    for m in (1, 2, 4):
+        t = time.perf_counter()
+        for _ in range(base * m):
+            loss = lm_loss(model, {"input_ids": x, "labels": x})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t)
+    rows.append((f"pretraining corpus ({base} steps of {cfg.pretrain_batch}x128 tokens = 1x)", times))
+    model.eval()
+    prompts = prompts_of(8 if quick else 64)
+    times = []
+    for m in (1, 2, 4):
+        t = time.perf_counter()
+        sample(model, tok, prompts, n_samples=2 * m if quick else 5 * m, max_new_tokens=8 if quick else 32,
+               temperature=1.0, seed=0, stop_id=len(tok) + 10)
+        times.append(time.perf_counter() - t)
+    rows.append((f"evaluation samples ({len(prompts)} prompts x {2 if quick else 5} samples = 1x)", times))
+    acts = torch.randn(20000, cfg.d_model)
+    times = []
+    for m in (1, 2, 4):
+        t = time.perf_counter()
+        train_sae(acts, width=cfg.sae_width * m, k=cfg.sae_k, steps=base * 10, batch=256, lr=3e-3, seed=0)
+        times.append(time.perf_counter() - t)
+    rows.append((f"SAE width ({cfg.sae_width} latents, {base * 10} steps = 1x)", times))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that every benchmark runs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--run", default="data/default", help="a finished run whose notebook times to report")
     ap.add_argument("--out", default="bench/results.md")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    q = args.quick
+    reps = 1 if q else args.repeats
     cfg = make_config({})
+    rows = []
+
     peak = matmul_flops()
-    tps, fpt = pretrain_rate(cfg, args.steps)
-    mfu = tps * fpt / peak
+    for name, (tps, fpt) in bench_training(cfg, 1 if q else 20).items():
+        rows.append(f"| {name}, default toy model (d={cfg.d_model}, L={cfg.n_layer}) | {tps:,.0f} tokens/s = "
+                    f"{tps * fpt / 1e9:.1f} GFLOP/s | fp32 matmul 1024^3: {peak / 1e9:.1f} GFLOP/s | MFU {tps * fpt / peak:.1%} |")
+
+    s = bench_sampling(cfg, 4 if q else 32, 2 if q else 20, 4 if q else 32, reps)
+    rows.append(f"| sampling: emlab.sample, {4 if q else 32} prompts x {2 if q else 20} samples x {4 if q else 32} tokens "
+                f"| {s['ours']:,.0f} tokens/s | transformers generate per prompt (num_return_sequences): "
+                f"{s['hf']:,.0f} tokens/s | {s['ours'] / s['hf']:.1f}x |")
+
+    acts, ht, tok, docs = model_activations(cfg, 40 if q else 400, cfg.sae_layer)
+    steps = 20 if q else 1000
+    r = bench_sae(acts, cfg.sae_width, cfg.sae_k, steps, cfg.sae_batch, reps)
+    rows.append(f"| SAE training (SAELens TopK via emlab.sae), width {cfg.sae_width}, k {cfg.sae_k}, {steps} steps x "
+                f"{cfg.sae_batch} | {med(r['ours']):,.0f} activations/s, held-out FVU {r['ours_fvu']:.3f} | plain-torch "
+                f"TopK loop: {med(r['plain']):,.0f} activations/s, FVU {r['plain_fvu']:.3f} | "
+                f"{med(r['ours']) / med(r['plain']):.2f}x |")
+
+    a = bench_activations(ht, tok, docs, cfg.sae_layer, reps)
+    rows.append(f"| activation collection at blocks.{cfg.sae_layer}.hook_resid_post, {len(docs)} documents | "
+                f"{a['ours']:,.0f} tokens/s | TransformerLens run_with_cache, full cache: {a['full']:,.0f} tokens/s | "
+                f"{a['ours'] / a['full']:.1f}x |")
+
     lines = [
         "# Benchmarks", "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}.", "",
-        "| benchmark | measured | baseline (same run) | ratio |", "|---|---|---|---|",
-        f"| pretraining, default toy model (d={cfg.d_model}, L={cfg.n_layer}, batch {cfg.pretrain_batch}x128) "
-        f"| {tps:,.0f} tokens/s = {tps * fpt / 1e9:.1f} GFLOP/s | fp32 matmul 1024^3: {peak / 1e9:.1f} GFLOP/s "
-        f"| MFU {mfu:.1%} |",
+        f"torch {torch.__version__}, Python {platform.python_version()}. "
+        f"{'QUICK (tiny sizes, not meaningful)' if q else f'Medians of {reps} alternated runs.'}", "",
+        "| benchmark | measured | baseline (same run) | ratio |", "|---|---|---|---|", *rows, "",
     ]
+    times = notebook_times(Path(args.run))
+    if times:
+        lines += [f"## End to end: `{args.run}` (as last run by `emlab run`)", "",
+                  "| notebook | seconds | peak memory so far (MiB) |", "|---|---|---|"]
+        lines += [f"| {n} | {t:.0f} | {'' if m is None else f'{m:.0f}'} |" for n, t, m in times]
+        peaks = [m for _, _, m in times if m is not None]
+        lines += [f"| whole study | {sum(t for _, t, _ in times):.0f} | {max(peaks):.0f} |" if peaks else
+                  f"| whole study | {sum(t for _, t, _ in times):.0f} | |", ""]
+    lines += ["## How cost grows (seconds at 1x, 2x, 4x)", "", "| stage | 1x | 2x | 4x |", "|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(f"{t:.2f}" for t in ts) + " |" for name, ts in scaling(cfg, q)]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -64,8 +64,28 @@ def run_notebook(path: Path, cfg: Config, out_dir: Path, *, log=print) -> Path:
         name = getattr(exc, "ename", type(exc).__name__)
         value = getattr(exc, "evalue", str(exc))
         raise NotebookFailure(path.name, _failed_cell(exc), f"{name}: {value}") from None
-    log(f"  done {path.name} in {time.time() - t0:.0f}s -> {out}")
+    seconds = time.time() - t0
+    _record(out_dir, path.stem, seconds)
+    log(f"  done {path.name} in {seconds:.0f}s -> {out}")
     return out
+
+
+RUN_LOG = "run_log.json"
+
+
+def _record(out_dir: Path, notebook: str, seconds: float) -> None:
+    """Keep each notebook's wall time and the peak memory of the kernels so far (the
+    largest resident set of any finished child process) in ``run_log.json``."""
+    import json
+    import resource
+
+    from emlab.artifacts import atomic_write_json
+
+    path = out_dir / RUN_LOG
+    entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    entries[notebook] = {"seconds": round(seconds, 1), "peak_rss_mib_so_far": round(peak_mib, 1)}
+    atomic_write_json(path, entries)
 
 
 def run(config_path: str | Path, *, only: list[str] | None = None, force: bool = False,

@@ -619,6 +619,13 @@ def steering_vectors(cfg: Config) -> dict[str, torch.Tensor]:
             "random": random_direction(cfg.d_model, cfg.seed + 7)}
 
 
+def usable_directions(cfg: Config) -> list[str]:
+    """The steering directions that exist in this run (a tiny run may sample too few
+    misaligned answers for a mean-difference direction)."""
+    vecs = steering_vectors(cfg)
+    return [d for d in STEER_DIRECTIONS if bool(torch.isfinite(vecs[d]).all())]
+
+
 def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: bool = False) -> dict:
     """Held-out misalignment of model ``name`` sampled while steered by ``alpha`` (signed,
     in units of the median residual norm) along ``direction``, or with the direction
@@ -648,7 +655,7 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
 
 def steering_sweep(cfg: Config, name: str, sign: float) -> pd.DataFrame:
     """Every direction at every alpha of ``steer_alphas`` (times ``sign``) on one model."""
-    rows = [{**steered(cfg, name, d, sign * a), "direction": d} for d in STEER_DIRECTIONS for a in cfg.steer_alphas]
+    rows = [{**steered(cfg, name, d, sign * a), "direction": d} for d in usable_directions(cfg) for a in cfg.steer_alphas]
     return pd.DataFrame(rows)
 
 
@@ -657,7 +664,7 @@ def ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     rows = []
     for n in names:
         rows.append(steered(cfg, n, "random", 0.0))
-        rows += [steered(cfg, n, d, ablate=True) for d in STEER_DIRECTIONS]
+        rows += [steered(cfg, n, d, ablate=True) for d in usable_directions(cfg)]
     return pd.DataFrame(rows)
 
 
