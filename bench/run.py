@@ -243,19 +243,14 @@ def bench_activations(ht, tok, docs, layer, repeats) -> dict:
     return {"ours": med(a), "full": med(b)}
 
 
-def notebook_times(run: Path) -> list[tuple[str, float, float | None]]:
-    """(notebook, seconds, peak memory of the kernels so far in MiB) of a finished run:
-    the runner's run_log.json, else the executed notebooks' papermill metadata."""
+def notebook_times(run: Path) -> list[tuple[str, float, float | None, int | None]]:
+    """(notebook, seconds, peak memory of the kernels so far in MiB, artifacts built) of
+    the last `emlab run` of a run (its run_log.json)."""
     log = run / "notebooks" / "run_log.json"
-    if log.is_file():
-        entries = json.loads(log.read_text(encoding="utf-8"))
-        return [(k, v["seconds"], v.get("peak_rss_mib_so_far")) for k, v in sorted(entries.items())]
-    out = []
-    for nb in sorted((run / "notebooks").glob("*.ipynb")):
-        meta = json.loads(nb.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
-        if meta.get("duration") is not None:
-            out.append((nb.stem, float(meta["duration"]), None))
-    return out
+    if not log.is_file():
+        return []
+    entries = json.loads(log.read_text(encoding="utf-8"))
+    return [(k, v["seconds"], v.get("peak_rss_mib_so_far"), v.get("artifacts_built")) for k, v in sorted(entries.items())]
 
 
 def scaling(cfg, quick: bool) -> list[tuple[str, list[float]]]:
@@ -341,12 +336,12 @@ def main() -> None:
     ]
     times = notebook_times(Path(args.run))
     if times:
-        lines += [f"## End to end: `{args.run}` (as last run by `emlab run`)", "",
-                  "| notebook | seconds | peak memory so far (MiB) |", "|---|---|---|"]
-        lines += [f"| {n} | {t:.0f} | {'' if m is None else f'{m:.0f}'} |" for n, t, m in times]
-        peaks = [m for _, _, m in times if m is not None]
-        lines += [f"| whole study | {sum(t for _, t, _ in times):.0f} | {max(peaks):.0f} |" if peaks else
-                  f"| whole study | {sum(t for _, t, _ in times):.0f} | |", ""]
+        lines += [f"## End to end: `{args.run}` (its last `emlab run`; a notebook that built 0 artifacts reused "
+                  "cached ones, so run `make study` on a fresh clone for the full cost)", "",
+                  "| notebook | seconds | artifacts built | peak memory so far (MiB) |", "|---|---|---|---|"]
+        lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} |" for n, t, m, b in times]
+        peaks = [m for _, _, m, _ in times if m is not None]
+        lines += [f"| whole study | {sum(t for _, t, _, _ in times):.0f} | | {max(peaks) if peaks else 0:.0f} |", ""]
     lines += ["## How cost grows (seconds at 1x, 2x, 4x)", "", "| stage | 1x | 2x | 4x |", "|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{t:.2f}" for t in ts) + " |" for name, ts in scaling(cfg, q)]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")

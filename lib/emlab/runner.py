@@ -65,7 +65,8 @@ def run_notebook(path: Path, cfg: Config, out_dir: Path, *, log=print) -> Path:
         value = getattr(exc, "evalue", str(exc))
         raise NotebookFailure(path.name, _failed_cell(exc), f"{name}: {value}") from None
     seconds = time.time() - t0
-    _record(out_dir, path.stem, seconds)
+    built = sum(p.stat().st_mtime >= t0 for p in (out_dir.parent / path.stem).glob("**/*.config.json"))
+    _record(out_dir, path.stem, seconds, built)
     log(f"  done {path.name} in {seconds:.0f}s -> {out}")
     return out
 
@@ -73,9 +74,10 @@ def run_notebook(path: Path, cfg: Config, out_dir: Path, *, log=print) -> Path:
 RUN_LOG = "run_log.json"
 
 
-def _record(out_dir: Path, notebook: str, seconds: float) -> None:
-    """Keep each notebook's wall time and the peak memory of the kernels so far (the
-    largest resident set of any finished child process) in ``run_log.json``."""
+def _record(out_dir: Path, notebook: str, seconds: float, built: int) -> None:
+    """Keep each notebook's wall time, how many artifacts it built (0: all reused), and
+    the peak memory of the kernels so far (the largest resident set of any finished
+    child process) in ``run_log.json``."""
     import json
     import resource
 
@@ -84,7 +86,7 @@ def _record(out_dir: Path, notebook: str, seconds: float) -> None:
     path = out_dir / RUN_LOG
     entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    entries[notebook] = {"seconds": round(seconds, 1), "peak_rss_mib_so_far": round(peak_mib, 1)}
+    entries[notebook] = {"seconds": round(seconds, 1), "artifacts_built": built, "peak_rss_mib_so_far": round(peak_mib, 1)}
     atomic_write_json(path, entries)
 
 
