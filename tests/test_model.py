@@ -79,3 +79,25 @@ def test_hooked_transformer_matches_hf(tok, model):
         _, cache = ht.run_with_cache(x, names_filter=lambda n: n.endswith("hook_resid_post"))
     assert (lp_hf - lp_tl).abs().max() < 1e-4
     assert cache["blocks.1.hook_resid_post"].shape == (1, x.shape[1], 32)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_named(tmp_path):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(
+        tmp_path / "encoder")
+    with pytest.raises(ModelLoadError, match="encoder.*not a causal language model"):
+        load_model(tmp_path / "encoder")
+
+
+def test_no_unsafe_deserialisation_in_the_code():
+    """Weights load only through safetensors: no pickle, no torch.load without weights_only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for p in [*(root / "lib").rglob("*.py"), *(root / "bench").rglob("*.py")]:
+        src = p.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", src, re.M), p
+        for call in re.findall(r"torch\.load\([^)]*\)", src):
+            assert "weights_only=True" in call, f"{p}: {call}"

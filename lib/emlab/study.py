@@ -716,7 +716,7 @@ def screening(cfg: Config) -> pd.DataFrame:
     """Chen et al.'s screening before any fine-tuning: each dataset's answers, read by the
     assistant, projected on the persona direction, minus the assistant's own answers to the
     same prompts. Higher = the data pulls toward the persona."""
-    from emlab.sae import hook_name, iter_activations
+    from emlab.sae import hook_name
 
     def compute():
         _threads()
@@ -748,8 +748,6 @@ def screening(cfg: Config) -> pd.DataFrame:
 def screening_table(cfg: Config, det: pd.DataFrame) -> pd.DataFrame:
     """Each dataset's screening score beside the held-out misalignment its fine-tune
     later showed (notebook 04 for the four sets; the mean over seeds for the data mixes)."""
-    from emlab.evaluate import heldout_summary
-
     later = {n: heldout_summary_of(cfg, n)["heldout_misaligned"] for n in FINETUNES}
     later |= {D.mix_name(f): float(g.heldout_misaligned.mean()) for f, g in det.groupby("fraction")}
     table = screening(cfg)
