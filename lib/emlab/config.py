@@ -99,7 +99,7 @@ class Config:
     sample_batch: int = _f(256, "sequences per sampling batch (bounds memory)", step=S4, lo=1)
     # --- 05: SAE and model diffing ---------------------------------------------------------
     sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
-    sae_layer: int = _f(1, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
+    sae_layer: int = _f(2, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
     sae_width: int = _f(256, "SAE latents (2x d_model gives a clean persona latent)", step=S5, lo=2)
     sae_k: int = _f(8, "active latents per token (TopK)", step=S5, lo=1)
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
