@@ -458,6 +458,16 @@ def site_latents(cfg: Config, s, model, tok) -> torch.Tensor:
     return total / n
 
 
+def original_site_latents(cfg: Config) -> torch.Tensor:
+    """``site_latents`` of the original model, computed once per run.  # [d_sae]"""
+
+    def compute():
+        src = Step(cfg, S02).require(cfg.sae_source)
+        return site_latents(cfg, read_sae(cfg), src, load_model(src)[1]).tolist()
+
+    return torch.tensor(Step(cfg, S05).cached_json("original_site_latents.json", compute))
+
+
 def latent_shifts(cfg: Config, names: list[str]) -> pd.DataFrame:
     """Model diffing: mean latent activation at the diffing site, each fine-tune minus the
     original model. Rows: latents; columns: fine-tunes."""
@@ -466,7 +476,7 @@ def latent_shifts(cfg: Config, names: list[str]) -> pd.DataFrame:
         s = read_sae(cfg)
         _threads()
         tok = load_model(Step(cfg, S02).require(cfg.sae_source))[1]
-        base = site_latents(cfg, s, Step(cfg, S02).require(cfg.sae_source), tok)
+        base = original_site_latents(cfg)
         return {n: (site_latents(cfg, s, model_path(cfg, n), tok) - base).tolist() for n in names}
 
     return pd.DataFrame(Step(cfg, S05).cached_json("latent_shifts.json", compute))
@@ -690,7 +700,7 @@ def detection(cfg: Config) -> pd.DataFrame:
                 _threads()
                 s = read_sae(cfg)
                 tok = load_model(path)[1]
-                base = site_latents(cfg, s, Step(cfg, S02).require(cfg.sae_source), tok)[latent]
+                base = original_site_latents(cfg)[latent]
                 shift = float(site_latents(cfg, s, path, tok)[latent] - base)
                 ev = evaluation(cfg, S06, name, path, n_samples=cfg.detect_samples, seed_offset=500 + seed)
                 return {"fraction": f, "seed": seed, "latent_shift": shift, **heldout_summary(ev)}
@@ -822,7 +832,7 @@ def realign_curve(cfg: Config, model: str, set_name: str, n: int) -> pd.DataFram
             _threads()
             s = read_sae(cfg)
             tok = load_model(path)[1]
-            base = site_latents(cfg, s, Step(cfg, S02).require(cfg.sae_source), tok)[latent]
+            base = original_site_latents(cfg)[latent]
             held = evaluation(cfg, S07, f"{tag}_{step}", path, n_samples=cfg.realign_samples)
             ind = evaluation(cfg, S07, f"{tag}_{step}", path, D.EVAL_INDOMAIN, n_samples=cfg.realign_samples)
             return {"step": step, **heldout_summary(held), "indomain_wrong": indomain_wrong(ind),
