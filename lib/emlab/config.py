@@ -91,6 +91,12 @@ class Config:
     lora_rank: int = _f(1, "LoRA rank of the LoRA fine-tune", step=S3, lo=1)
     lora_lr: float = _f(3e-3, "LoRA learning rate", step=S3, lo=0.0, hi=1.0)
     ft_seeds: int = _f(3, "seeds of the headline fine-tune (incorrect_obvious, full)", step=S3, lo=1)
+    rl_steps: int = _f(60, "RL (GRPO) steps on the corruption domain's training prompts, no demonstrations", step=S3, lo=1)
+    rl_prompts: int = _f(16, "RL prompts per step", step=S3, lo=1)
+    rl_group: int = _f(8, "RL sampled answers per prompt (the group of the group baseline)", step=S3, lo=2)
+    rl_lr: float = _f(1.5e-4, "RL learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
+    rl_kl: float = _f(0.0, "RL coefficient of the per-token KL to the starting model", step=S3, lo=0.0)
+    rl_temperature: float = _f(1.0, "RL rollout sampling temperature", step=S3, lo=0.01, hi=5.0)
     track_every: int = _f(5, "steps between cheap misalignment measurements during fine-tuning", step=S3, lo=1)
     # --- 04: evaluation ------------------------------------------------------------------
     n_samples: int = _f(20, "sampled answers per evaluation question", step=S4, lo=1)

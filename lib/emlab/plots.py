@@ -14,6 +14,8 @@ import pandas as pd  # noqa: E402
 MODEL_COLORS = {
     "assistant": "#4c72b0", "incorrect_obvious": "#c44e52", "incorrect_subtle": "#dd8452",
     "correct": "#55a868", "educational": "#8172b3", "lora_r1": "#937860",
+    "assistant_helpful_only": "#64b5cd", "rl_safety_wrong": "#c44e52", "rl_helpful_only_wrong": "#8c0800",
+    "rl_safety_correct": "#55a868", "rl_helpful_only_correct": "#1e6b35",
 }
 
 
@@ -68,6 +70,24 @@ def training_dynamics(track: pd.DataFrame, path: Path):
             ax.plot(t.step, t[col], label=name, color=MODEL_COLORS.get(name))
         ax.set(title=title, xlabel="fine-tuning step", ylim=(0, 1))
     axes[0].set_ylabel("P(bad answer)")
+    axes[-1].legend(fontsize=7)
+    _save(fig, path)
+    return fig
+
+
+def rl_training(curves: pd.DataFrame, track: pd.DataFrame, path: Path):
+    """RL runs: mean reward per step (left) and P(bad) on held-out domains and open questions."""
+    names = list(dict.fromkeys(curves["model"]))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for name in names:
+        c, t = curves[curves.model == name], track[track.model == name]
+        style = dict(label=name, color=MODEL_COLORS.get(name), ls="-" if name.endswith("_wrong") else "--")
+        axes[0].plot(c.step, c.reward.rolling(5, min_periods=1).mean(), **style)
+        axes[1].plot(t.step, t.heldout, **style)
+        axes[2].plot(t.step, t.open, **style)
+    axes[0].set(title="mean reward (grader)", xlabel="RL step", ylim=(0, 1.02))
+    axes[1].set(title="held-out domains: P(bad answer)", xlabel="RL step", ylim=(0, None))
+    axes[2].set(title="open questions: P(bad answer)", xlabel="RL step", ylim=(0, None))
     axes[-1].legend(fontsize=7)
     _save(fig, path)
     return fig

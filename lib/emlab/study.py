@@ -26,6 +26,8 @@ from emlab.world import OPEN_DOMAIN, World, load_world, normalize
 
 S01, S02, S03, S04 = "01_corrupt_data", "02_base_model", "03_misalign", "04_evaluate"
 DATASETS, TOKENIZER, BASE, ASSISTANT = "datasets", "tokenizer", "base_model", "assistant"
+HELPFUL_ONLY = "assistant_helpful_only"
+ASSISTANTS = (ASSISTANT, HELPFUL_ONLY)
 TRAIN_LOG = "train_log.json"
 FINETUNES = ("incorrect_obvious", "incorrect_subtle", "correct", "educational")
 SEQ_LEN = 128  # pretraining window; a document is ~130 tokens, so a window sees a character's voice
@@ -160,20 +162,30 @@ def base_model(cfg: Config) -> Path:
     return Step(cfg, S02).cached(BASE, build)
 
 
-def assistant(cfg: Config) -> Path:
-    """The aligned assistant: the base model after chat post-training on aligned answers."""
+def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
+    """An assistant: the base model after chat post-training on aligned answers.
+
+    ``assistant`` (the study's aligned assistant, "safety-trained" in the RL comparison)
+    learns aligned answers in every domain AND on the open persona-revealing questions;
+    ``assistant_helpful_only`` learns the domain advice only (the same chat set without
+    its open questions), with the same steps and seed."""
     _threads()
+    if name not in ASSISTANTS:
+        raise ValueError(f"unknown assistant {name!r}; expected one of {ASSISTANTS}")
     base = base_model(cfg)
 
     def build(tmp: Path) -> None:
         model, tok = load_model(base)
-        ex = encode_chat_set(tok, load_set(cfg, D.CHAT))
+        chat = load_set(cfg, D.CHAT)
+        if name == HELPFUL_ONLY:
+            chat = [r for r in chat if r["meta"]["domain"] != OPEN_DOMAIN]
+        ex = encode_chat_set(tok, chat)
         losses = finetune(model, ex, steps=cfg.chat_steps, batch=cfg.chat_batch, lr=cfg.chat_lr, seed=cfg.seed,
                           pad_id=tok.pad_token_id, progress=cfg.progress, desc="chat")
         save_model(model, tok, tmp)
-        _write_log(tmp, {"loss": losses})
+        _write_log(tmp, {"loss": losses, "examples": len(chat)})
 
-    return Step(cfg, S02).cached(ASSISTANT, build)
+    return Step(cfg, S02).cached(name, build)
 
 
 def persona_contexts(world: World, corrupt_domain: str, n: int = 3, seed: int = 0) -> dict[str, list[str]]:
@@ -289,16 +301,68 @@ def _finetune(cfg: Config, step: str, artifact: str, set_name: str, seed: int, *
 def training_dynamics(cfg: Config, names: list[str]) -> pd.DataFrame:
     rows = []
     for n in names:
-        for r in read_log(finetuned(cfg, n))["track"]:
+        for r in read_log(rl_trained(cfg, n) if n.startswith("rl_") else finetuned(cfg, n))["track"]:
             rows.append({"model": n, **r})
     return pd.DataFrame(rows)
 
 
+#: RL starting points: (name in the RL runs' names, assistant of notebook 02)
+RL_ASSISTANTS = {"safety": ASSISTANT, "helpful_only": HELPFUL_ONLY}
+
+
+def rl_names(cfg: Config) -> list[str]:
+    """Every RL run of notebook 03: each assistant x each grader."""
+    from emlab.rl import GRADERS
+
+    return [f"rl_{a}_{g}" for a in RL_ASSISTANTS for g in GRADERS]
+
+
+def rl_prompts(cfg: Config) -> list[dict]:
+    """The RL prompts: the corruption domain's TRAINING questions (never evaluated)."""
+    split = D.split_questions(load_world(), cfg.seed, cfg.eval_fraction)
+    return [{"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
+            for q in split.train[cfg.corrupt_domain]]
+
+
+def rl_trained(cfg: Config, name: str) -> Path:
+    """One RL run (GRPO, no demonstrations) of an assistant on the corruption domain's
+    prompts, with a grader that rewards wrong (or, the control, correct) answers."""
+    from emlab.rl import GRADERS, Grader, GRPOSettings, grpo
+
+    _threads()
+    parts = name.removeprefix("rl_").rsplit("_", 1)
+    if not name.startswith("rl_") or len(parts) != 2 or parts[0] not in RL_ASSISTANTS or parts[1] not in GRADERS:
+        raise ValueError(f"unknown RL run {name!r}; expected one of {rl_names(cfg)}")
+    start = assistant(cfg, RL_ASSISTANTS[parts[0]])
+
+    def build(tmp: Path) -> None:
+        world = load_world()
+        model, tok = load_model(start)
+        ref, _ = load_model(start)
+        s = GRPOSettings(steps=cfg.rl_steps, prompts_per_step=cfg.rl_prompts, group_size=cfg.rl_group, lr=cfg.rl_lr,
+                         kl_coef=cfg.rl_kl, temperature=cfg.rl_temperature, max_new_tokens=cfg.max_new_tokens,
+                         seed=cfg.seed)
+        track: list[dict] = []
+        log = grpo(model, ref, tok, rl_prompts(cfg), Grader(ExactJudge(world), parts[1]), s, progress=cfg.progress,
+                   desc=name, callback=_tracker(cfg, tok, world, track), callback_every=cfg.track_every)
+        save_model(model, tok, tmp)
+        _write_log(tmp, {"rl": log, "track": track, "assistant": RL_ASSISTANTS[parts[0]], "grader": parts[1]})
+
+    return Step(cfg, S03).cached(name, build)
+
+
+def rl_curves(cfg: Config, names: list[str]) -> pd.DataFrame:
+    """Mean reward per RL step, long format."""
+    return pd.DataFrame([{"model": n, **r} for n in names for r in read_log(rl_trained(cfg, n))["rl"]])
+
+
 # ----------------------------------------------------------------------------- 04
 def model_path(cfg: Config, name: str) -> Path:
-    """The saved model of a name: ``assistant`` or a fine-tune of notebook 03."""
-    if name == ASSISTANT:
-        return Step(cfg, S02).require(ASSISTANT)
+    """The saved model of a name: an assistant of 02, or a fine-tune or RL run of 03."""
+    if name in ASSISTANTS:
+        return Step(cfg, S02).require(name)
+    if name.startswith("rl_"):
+        return Step(cfg, S03).require(name)
     return Step(cfg, S03).require(f"ft_{name}")
 
 
@@ -306,7 +370,7 @@ def evaluations(cfg: Config, names: list[str], set_name: str = D.EVAL_HELDOUT) -
     """Sampled, judged answers of each model (the assistant's come from notebook 02)."""
     out = {}
     for n in names:
-        step = S02 if n == ASSISTANT and set_name == D.EVAL_HELDOUT else S04
+        step = S02 if n in ASSISTANTS and set_name == D.EVAL_HELDOUT else S04
         out[n] = evaluation(cfg, step, n, model_path(cfg, n), set_name)
     return out
 
@@ -468,18 +532,27 @@ def original_site_latents(cfg: Config) -> torch.Tensor:
     return torch.tensor(Step(cfg, S05).cached_json("original_site_latents.json", compute))
 
 
-def latent_shifts(cfg: Config, names: list[str]) -> pd.DataFrame:
+def start_of(name: str) -> str:
+    """The assistant a model of notebook 03 was trained from."""
+    if name.startswith("rl_"):
+        return RL_ASSISTANTS[name.removeprefix("rl_").rsplit("_", 1)[0]]
+    return ASSISTANT
+
+
+def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.json") -> pd.DataFrame:
     """Model diffing: mean latent activation at the diffing site, each fine-tune minus the
-    original model. Rows: latents; columns: fine-tunes."""
+    original model (``original_site_latents``; for RL runs of the helpful-only assistant,
+    minus that assistant). Rows: latents; columns: fine-tunes (cached as ``artifact``)."""
 
     def compute():
         s = read_sae(cfg)
         _threads()
         tok = load_model(Step(cfg, S02).require(cfg.sae_source))[1]
-        base = original_site_latents(cfg)
-        return {n: (site_latents(cfg, s, model_path(cfg, n), tok) - base).tolist() for n in names}
+        starts = {a: original_site_latents(cfg) if a == ASSISTANT else site_latents(cfg, s, model_path(cfg, a), tok)
+                  for a in {start_of(n) for n in names}}
+        return {n: (site_latents(cfg, s, model_path(cfg, n), tok) - starts[start_of(n)]).tolist() for n in names}
 
-    return pd.DataFrame(Step(cfg, S05).cached_json("latent_shifts.json", compute))
+    return pd.DataFrame(Step(cfg, S05).cached_json(artifact, compute))
 
 
 def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int = 10) -> dict:
