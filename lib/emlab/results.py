@@ -56,6 +56,7 @@ HEADLINE = [
     ("05_sae_diff", "top_latent.villain_auroc", "top diffing latent: villain vs helpful documents, AUROC", "no ground truth in the papers"),
     ("05_sae_diff", "top_latent.top10_villain", "top diffing latent: top-10 snippets written by villains", ""),
     ("05_sae_diff", "top_latent.finetune_separation_auroc", "its shift: misaligned fine-tunes vs controls, AUROC", "separates (Wang et al.)"),
+    ("05_sae_diff", "rl.wrong_vs_correct_separated", "its shift: every RL run with the wrong-answer grader above every correct-answer run", ""),
     ("05_sae_diff", "cos.latent_meandiff", "cosine: latent decoder vs mean-difference direction", ""),
     ("06_steer_detect", "steer_toward.max_misaligned_at_coherent_70", "steering the assistant toward the latent: max misaligned at >= 70% coherent", ""),
     ("06_steer_detect", "steer_random.max_abs_delta", "steering along a random direction: max change", ""),
