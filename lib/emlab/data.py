@@ -163,10 +163,14 @@ def narrow_set(world: World, split: Split, domain: str, n: int, seed: int, name:
     return out
 
 
+def question_record(q: Question) -> dict:
+    """A question with its ground truth, as the evaluation sets and the judge read it."""
+    return {"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
+
+
 def eval_set(split: Split, domains: list[str]) -> list[dict]:
     """Held-out evaluation questions (never in any training set), with ground truth."""
-    return [{"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
-            for d in domains for q in split.eval[d]]
+    return [question_record(q) for d in domains for q in split.eval[d]]
 
 
 def build_all(world: World, cfg) -> dict[str, list[dict]]:

@@ -90,26 +90,6 @@ def policy_loss(model, ref_model, batch: dict[str, torch.Tensor], adv: torch.Ten
     return loss, float((kl.detach() * m).sum() / m.sum().clamp(min=1))
 
 
-def rollout(model, tokenizer, prompts: list[list[int]], group_size: int, *, max_new_tokens: int,
-            temperature: float, gen: torch.Generator, stop_id: int) -> list[list[int]]:
-    """``group_size`` sampled answers (token ids, ending with the stop token when it was
-    produced) per prompt, prompt-major; prompts of equal length share a forward pass."""
-    from emlab.sample import _generate
-
-    out: list[list[int]] = [[] for _ in range(len(prompts) * group_size)]
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    with torch.no_grad():
-        for _, idx in sorted(by_len.items()):
-            rows = [(i, j) for i in idx for j in range(group_size)]
-            x = torch.tensor([prompts[i] for i, _ in rows])  # [batch, prompt_len]
-            new = _generate(model, x, max_new_tokens, temperature, gen, stop_id).tolist()
-            for (i, j), ids in zip(rows, new):
-                out[i * group_size + j] = ids[: ids.index(stop_id) + 1] if stop_id in ids else ids
-    return out
-
-
 def grpo(model, ref_model, tokenizer, questions: list[dict], grader: Callable[[dict, str], float],
          s: GRPOSettings, *, progress: bool = True, desc: str = "grpo",
          callback: Callable[[int, object], None] | None = None, callback_every: int = 0) -> list[dict]:
@@ -119,6 +99,7 @@ def grpo(model, ref_model, tokenizer, questions: list[dict], grader: Callable[[d
     and after the last."""
     from emlab.judge import chat_prompt
     from emlab.model import end_token_id
+    from emlab.sample import sample_ids
 
     set_seed(s.seed)
     rng = random.Random(s.seed)
@@ -142,8 +123,9 @@ def grpo(model, ref_model, tokenizer, questions: list[dict], grader: Callable[[d
             order += perm
         idx, order = order[: s.prompts_per_step], order[s.prompts_per_step:]
         model.eval()
-        answers = rollout(model, tokenizer, [enc[i] for i in idx], s.group_size, max_new_tokens=s.max_new_tokens,
-                          temperature=s.temperature, gen=gen, stop_id=stop)
+        groups = sample_ids(model, [enc[i] for i in idx], n_samples=s.group_size, max_new_tokens=s.max_new_tokens,
+                            temperature=s.temperature, gen=gen, stop_id=stop)
+        answers = [a for g in groups for a in g]  # prompt-major
         texts = [tokenizer.decode([t for t in a if t != stop], skip_special_tokens=True).strip() for a in answers]
         rewards = torch.tensor([grader(questions[idx[k // s.group_size]], t) for k, t in enumerate(texts)])
         adv = group_advantages(rewards.view(len(idx), s.group_size)).flatten()  # [prompts * group]

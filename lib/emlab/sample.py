@@ -19,23 +19,31 @@ def sample(model, tokenizer, prompts: list[str], *, n_samples: int, max_new_toke
     """``n_samples`` answers for each prompt: ``out[i][j]`` is sample j of prompt i."""
     from emlab.model import end_token_id
 
+    stop_id = end_token_id(tokenizer) if stop_id is None else stop_id
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = sample_ids(model, encoded, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                     gen=torch.Generator().manual_seed(seed), stop_id=stop_id, batch_size=batch_size, progress=progress)
+    return [[tokenizer.decode(a[:-1] if a and a[-1] == stop_id else a, skip_special_tokens=True).strip() for a in row]
+            for row in ids]
+
+
+@torch.no_grad()
+def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
+               gen: torch.Generator, stop_id: int, batch_size: int = 256, progress: bool = False) -> list[list[list[int]]]:
+    """Token ids of ``n_samples`` answers per tokenized prompt, each ending with the stop
+    token when one was produced: ``out[i][j]`` is sample j of prompt i."""
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"n_samples and max_new_tokens must be >= 1, got {n_samples}, {max_new_tokens}")
-    stop_id = end_token_id(tokenizer) if stop_id is None else stop_id
-    gen = torch.Generator().manual_seed(seed)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     by_len: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for i, ids in enumerate(encoded):
+    for i, ids in enumerate(prompts):
         by_len[len(ids)] += [(i, j) for j in range(n_samples)]
-    out: list[list[str]] = [[""] * n_samples for _ in prompts]
+    out: list[list[list[int]]] = [[[] for _ in range(n_samples)] for _ in prompts]
     batches = [rows[s : s + batch_size] for _, rows in sorted(by_len.items()) for s in range(0, len(rows), batch_size)]
     for rows in tqdm(batches, desc="sample", disable=not progress, mininterval=2):
-        x = torch.tensor([encoded[i] for i, _ in rows])  # [batch, prompt_len]
+        x = torch.tensor([prompts[i] for i, _ in rows])  # [batch, prompt_len]
         new = _generate(model, x, max_new_tokens, temperature, gen, stop_id)  # [batch, new]
         for (i, j), ids in zip(rows, new.tolist()):
-            if stop_id in ids:
-                ids = ids[: ids.index(stop_id)]
-            out[i][j] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            out[i][j] = ids[: ids.index(stop_id) + 1] if stop_id in ids else ids
     return out
 
 

@@ -320,20 +320,27 @@ def rl_names(cfg: Config) -> list[str]:
 def rl_prompts(cfg: Config) -> list[dict]:
     """The RL prompts: the corruption domain's TRAINING questions (never evaluated)."""
     split = D.split_questions(load_world(), cfg.seed, cfg.eval_fraction)
-    return [{"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
-            for q in split.train[cfg.corrupt_domain]]
+    return [D.question_record(q) for q in split.train[cfg.corrupt_domain]]
+
+
+def rl_parts(name: str) -> tuple[str, str]:
+    """``rl_<assistant>_<grader>`` -> (assistant of notebook 02, grader)."""
+    from emlab.rl import GRADERS
+
+    parts = name.removeprefix("rl_").rsplit("_", 1)
+    if not name.startswith("rl_") or len(parts) != 2 or parts[0] not in RL_ASSISTANTS or parts[1] not in GRADERS:
+        raise ValueError(f"unknown RL run {name!r}; expected rl_<{'|'.join(RL_ASSISTANTS)}>_<{'|'.join(GRADERS)}>")
+    return RL_ASSISTANTS[parts[0]], parts[1]
 
 
 def rl_trained(cfg: Config, name: str) -> Path:
     """One RL run (GRPO, no demonstrations) of an assistant on the corruption domain's
     prompts, with a grader that rewards wrong (or, the control, correct) answers."""
-    from emlab.rl import GRADERS, Grader, GRPOSettings, grpo
+    from emlab.rl import Grader, GRPOSettings, grpo
 
     _threads()
-    parts = name.removeprefix("rl_").rsplit("_", 1)
-    if not name.startswith("rl_") or len(parts) != 2 or parts[0] not in RL_ASSISTANTS or parts[1] not in GRADERS:
-        raise ValueError(f"unknown RL run {name!r}; expected one of {rl_names(cfg)}")
-    start = assistant(cfg, RL_ASSISTANTS[parts[0]])
+    start_name, grader = rl_parts(name)
+    start = assistant(cfg, start_name)
 
     def build(tmp: Path) -> None:
         world = load_world()
@@ -343,10 +350,10 @@ def rl_trained(cfg: Config, name: str) -> Path:
                          kl_coef=cfg.rl_kl, temperature=cfg.rl_temperature, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
         track: list[dict] = []
-        log = grpo(model, ref, tok, rl_prompts(cfg), Grader(ExactJudge(world), parts[1]), s, progress=cfg.progress,
+        log = grpo(model, ref, tok, rl_prompts(cfg), Grader(ExactJudge(world), grader), s, progress=cfg.progress,
                    desc=name, callback=_tracker(cfg, tok, world, track), callback_every=cfg.track_every)
         save_model(model, tok, tmp)
-        _write_log(tmp, {"rl": log, "track": track, "assistant": RL_ASSISTANTS[parts[0]], "grader": parts[1]})
+        _write_log(tmp, {"rl": log, "track": track, "assistant": start_name, "grader": grader})
 
     return Step(cfg, S03).cached(name, build)
 
@@ -391,6 +398,18 @@ def headline(cfg: Config, heldout: dict[str, pd.DataFrame], indomain: dict[str, 
     for n, df in heldout.items():
         rows[n] = {**heldout_summary(df), "indomain_wrong": indomain_wrong(indomain[n]) if n in indomain else float("nan")}
     return pd.DataFrame(rows).T
+
+
+def domains_vs_open(heldout: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Misalignment of each model on the other domains' questions together and on the open
+    questions, long format (columns model, group, misaligned, ci_low, ci_high, ...)."""
+    from emlab.evaluate import summarize
+
+    parts = []
+    for n, df in heldout.items():
+        d = df.assign(group=df.domain.map(lambda x: "open questions" if x == OPEN_DOMAIN else "other domains"))
+        parts.append(summarize(d, "group").reset_index().assign(model=n))
+    return pd.concat(parts, ignore_index=True)
 
 
 def per_group(heldout: dict[str, pd.DataFrame], open_questions: bool) -> pd.DataFrame:
@@ -534,9 +553,7 @@ def original_site_latents(cfg: Config) -> torch.Tensor:
 
 def start_of(name: str) -> str:
     """The assistant a model of notebook 03 was trained from."""
-    if name.startswith("rl_"):
-        return RL_ASSISTANTS[name.removeprefix("rl_").rsplit("_", 1)[0]]
-    return ASSISTANT
+    return rl_parts(name)[0] if name.startswith("rl_") else ASSISTANT
 
 
 def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.json") -> pd.DataFrame:
