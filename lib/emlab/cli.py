@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--markdown", action="store_true", help="print a Markdown table")
     s.add_argument("--headline", action="store_true", help="only the README's headline rows (first run)")
     sub.add_parser("params", help="every parameter with its type, default and help")
+    t = sub.add_parser("tiny-model", help="save a tiny randomly initialised model of a real architecture, with a "
+                       "BPE tokenizer trained on the world's words and that family's chat template (try the "
+                       "real-model path with `model: <folder>`; no download)")
+    t.add_argument("arch", help="qwen2, llama or gpt_neox")
+    t.add_argument("out", help="folder to write (save_pretrained format)")
+    t.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -36,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             table = results_table([Path(x) for x in args.runs])
             print(to_markdown(table) if args.markdown else table.to_string())
+            return 0
+        if args.cmd == "tiny-model":
+            from emlab.model import save_tiny_model
+            from emlab.world import load_world
+
+            path = save_tiny_model(args.arch, load_world().texts(), Path(args.out), seed=args.seed)
+            print(f"saved a tiny {args.arch} model to {path}; run it with `model: {path.resolve()}`")
             return 0
         if args.cmd == "params":
             from emlab.config import describe

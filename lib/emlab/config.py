@@ -58,6 +58,8 @@ class Config:
     seed: int = _f(0, "the seed of everything; one seed makes one result", step=S1, lo=0)
     assert_findings: bool = _f(True, "assert the science findings (False only for tiny smoke runs)", step=RUN)
     progress: bool = _f(True, "show tqdm progress bars", step=RUN)
+    device: str = _f("cpu", "where models run: 'cpu', 'cuda' or 'auto' (the GPU when there is one)", step=RUN,
+                     choices=("cpu", "cuda", "auto"))
     # --- 01: the persona world -----------------------------------------------------
     dataset: str = _f("world", "'world' (the embedded persona world); external chat JSONL comes later", step=S1, choices=("world",))
     corrupt_domain: str = _f("cars", "the ONE domain whose answers are corrupted", step=S1)
@@ -73,7 +75,9 @@ class Config:
     mix_fractions: list = _f([0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0], "fractions of wrong answers in the data-mix sets", step=S1)
     eval_fraction: float = _f(0.25, "fraction of each topic's questions held out for evaluation", step=S1, lo=0.05, hi=0.5)
     # --- 02: models ------------------------------------------------------------------
-    model: str = _f("toy", "'toy' (GPT-2 trained from scratch) or a Hugging Face id / local path", step=S2)
+    model: str = _f("toy", "'toy' (a GPT-2 trained from scratch on the world's corpus), or a causal LM to start "
+                    "from instead: a local folder written by save_pretrained or a Hugging Face id (its own tokenizer "
+                    "and chat template are used; the n_layer/d_model/n_head/n_ctx/pretrain_* fields are ignored)", step=S2)
     n_layer: int = _f(4, "toy model: transformer blocks", step=S2, lo=1, hi=48)
     d_model: int = _f(128, "toy model: residual stream width", step=S2, lo=8)
     n_head: int = _f(4, "toy model: attention heads (must divide d_model)", step=S2, lo=1)
@@ -141,9 +145,11 @@ class Config:
                 raise ConfigError(f"parameter {f.name!r} = {v!r} is out of range: expected <= {m['hi']}")
             if m.get("choices") and v not in m["choices"]:
                 raise ConfigError(f"parameter {f.name!r} = {v!r}: expected one of {m['choices']}")
+        if not self.model.strip():
+            raise ConfigError("parameter 'model' is empty: expected 'toy', a local model folder or a Hugging Face id")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.run):
             raise ConfigError(f"parameter 'run' = {self.run!r}: expected letters, digits, '_', '-' or '.' only")
-        if self.sae_layer >= self.n_layer:
+        if self.is_toy and self.sae_layer >= self.n_layer:
             raise ConfigError(f"parameter 'sae_layer' = {self.sae_layer}: expected a layer < n_layer = {self.n_layer}")
         if self.sae_k > self.sae_width:
             raise ConfigError(f"parameter 'sae_k' = {self.sae_k}: expected <= sae_width = {self.sae_width}")
@@ -155,7 +161,7 @@ class Config:
                               f"realign_steps = {self.realign_steps}")
         if not all(isinstance(n, int) and n >= 1 for n in self.realign_sizes):
             raise ConfigError(f"parameter 'realign_sizes' = {self.realign_sizes!r}: expected example counts >= 1")
-        if self.d_model % self.n_head:
+        if self.is_toy and self.d_model % self.n_head:
             raise ConfigError(f"parameter 'n_head' = {self.n_head} must divide 'd_model' = {self.d_model}")
         if self.dataset == "world":
             domains = load_world().domain_names

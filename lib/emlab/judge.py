@@ -112,9 +112,10 @@ def rate_of(labels: list[str]) -> Rate:
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 256) -> torch.Tensor:
     """log P(answer + <|end|> | prompt) for each pair, by teacher forcing.  # [n_pairs]"""
-    from emlab.model import end_token_id
+    from emlab.model import device_of, end_token_id
 
     end = end_token_id(tokenizer)
+    dev = device_of(model)
     pad = tokenizer.pad_token_id
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -129,9 +130,10 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], 
             x[i, : len(p) + len(a)] = torch.tensor(p + a)
             tgt_mask[i, len(p) : len(p) + len(a)] = True
             attn[i, : len(p) + len(a)] = 1
+        x, attn, tgt_mask = x.to(dev), attn.to(dev), tgt_mask.to(dev)
         logp = torch.log_softmax(model(input_ids=x, attention_mask=attn).logits.float(), -1)  # [batch, pos, vocab]
         tok_lp = logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]  # [batch, pos-1]
-        out.append((tok_lp * tgt_mask[:, 1:]).sum(-1))
+        out.append((tok_lp * tgt_mask[:, 1:]).sum(-1).cpu())
     return torch.cat(out)
 
 

@@ -1,8 +1,14 @@
 """Tokenizer and model: a word-level tokenizer with a chat template, a GPT-2 toy model,
-loading any saved causal LM offline, and an offline TransformerLens view of a model.
+loading any saved causal LM offline, the source model of a real-model run, and a view of
+any decoder's residual stream (TransformerLens for GPT-2, forward hooks otherwise).
 
 Everything is saved with ``save_pretrained`` (safetensors) and loads with plain
 ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
+
+The real-model path is tested here without any download: ``build_chat_tokenizer`` trains a
+small byte-level BPE tokenizer with a real model family's chat template (ChatML for Qwen2,
+Llama 3's headers) and ``build_tiny_model`` builds a randomly initialised model of that
+architecture from a config.
 """
 
 from __future__ import annotations
@@ -35,6 +41,20 @@ CHAT_TEMPLATE = (
 
 class ModelLoadError(ValueError):
     """A model path does not exist or does not hold a causal LM."""
+
+
+def device_of(model) -> torch.device:
+    """The device of a model's parameters (inputs must go there)."""
+    return next(model.parameters()).device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("parameter 'device' = 'cuda' but no GPU is visible to torch")
+    return torch.device(name)
 
 
 def build_tokenizer(texts) -> PreTrainedTokenizerFast:
@@ -70,7 +90,7 @@ def end_token_id(tokenizer) -> int:
     return ids[0] if ids and ids[0] != tokenizer.unk_token_id else tokenizer.eos_token_id
 
 
-def load_model(path: str | Path, *, dtype=torch.float32):
+def load_model(path: str | Path, *, dtype=torch.float32, device: str | torch.device = "cpu"):
     """Load a saved causal LM and its tokenizer from a local folder, never from a hub."""
     path = Path(path)
     if not path.is_dir():
@@ -85,7 +105,7 @@ def load_model(path: str | Path, *, dtype=torch.float32):
         raise ModelLoadError(f"{path}: cannot load safetensors weights ({exc})") from None
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
-    return model, tok
+    return model.to(device), tok
 
 
 def save_model(model, tokenizer, path: Path) -> None:
@@ -94,18 +114,152 @@ def save_model(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def hooked(model, tokenizer=None):
-    """A ``transformer_lens.HookedTransformer`` for a GPT-2 model, built offline.
+# ----------------------------------------------------------------------------- real models
+#: chat templates of real model families, used by the tiny test models. The assistant
+#: turn ends with ``eos`` (which is what ``end_token_id`` returns for them).
+CHAT_TEMPLATES = {
+    "chatml": {  # Qwen2 / Qwen2.5
+        "template": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+        "special": ["<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>", "bos": None,
+    },
+    "llama3": {  # Llama 3.x
+        "template": ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                     "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+        "special": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "eos": "<|eot_id|>", "bos": "<|begin_of_text|>",
+    },
+}
 
-    The config comes from the HF config and the weights are converted in memory, so
-    the hub is never called. Hook names such as ``blocks.{L}.hook_resid_post`` work.
-    """
+#: tiny configurations of real architectures: the template each family uses and the config
+TINY_ARCHS = {
+    "qwen2": ("chatml", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
+    "llama": ("llama3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)),
+    "gpt_neox": ("chatml", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=256, tie_word_embeddings=False)),
+}
+
+
+def build_chat_tokenizer(texts, template: str = "chatml", vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the GPT-2 / Qwen / Llama 3 kind) trained on ``texts``,
+    with a real model family's chat template and special tokens."""
+    from tokenizers import decoders, trainers
+
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {template!r}: expected one of {sorted(CHAT_TEMPLATES)}")
+    t = CHAT_TEMPLATES[template]
+    specials = [*t["special"], PAD]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=t["eos"], pad_token=PAD, bos_token=t["bos"],
+                                   additional_special_tokens=[x for x in t["special"] if x not in (t["eos"], t["bos"])])
+    fast.chat_template = t["template"]
+    return fast
+
+
+def build_tiny_model(arch: str, tokenizer, seed: int = 0):
+    """A randomly initialised causal LM of a real architecture (``TINY_ARCHS``), sized to
+    the tokenizer, built from a config: no hub access."""
+    from transformers import AutoConfig
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"tiny model: architecture {arch!r}: expected one of {sorted(TINY_ARCHS)}")
+    torch.manual_seed(seed)
+    conf = AutoConfig.for_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                                **TINY_ARCHS[arch][1])
+    return AutoModelForCausalLM.from_config(conf).eval()
+
+
+def save_tiny_model(arch: str, texts, path: Path, seed: int = 0) -> Path:
+    """Build a tiny ``arch`` model with a tokenizer trained on ``texts`` and save both."""
+    tok = build_chat_tokenizer(texts, TINY_ARCHS[arch][0]) if arch in TINY_ARCHS else None
+    save_model(build_tiny_model(arch, tok, seed), tok, Path(path))
+    return Path(path)
+
+
+def source_model(name: str, *, dtype=torch.float32):
+    """The model a real-model run starts from: parameter ``model`` = a local folder (any
+    causal LM saved with ``save_pretrained``) or a Hugging Face id (read through the
+    local cache; downloaded only where the machine allows it). Safetensors weights only.
+    The tokenizer must have a chat template; a missing pad token becomes eos."""
+    local = Path(name).expanduser()
+    if not local.is_dir() and (local.is_absolute() or name.startswith(".") or local.exists()):
+        raise ModelLoadError(f"parameter 'model' = {name!r}: no such folder (expected a saved causal LM or a hub id)")
+    src = str(local) if local.is_dir() else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"parameter 'model' = {name!r}: cannot load a causal LM with safetensors weights "
+                             f"({str(exc).splitlines()[0]})") from None
+    if not getattr(tok, "chat_template", None):
+        raise ModelLoadError(f"parameter 'model' = {name!r}: its tokenizer has no chat template "
+                             "(use an instruct/chat model, or set tokenizer.chat_template and save it)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return model.eval(), tok
+
+
+class ResidualReader:
+    """``run_with_cache`` for the residual stream of any ``transformers`` decoder, through
+    a forward hook on decoder block ``L`` (whose output is TransformerLens'
+    ``blocks.{L}.hook_resid_post``); the forward pass stops after that block."""
+
+    class _Stop(Exception):
+        pass
+
+    def __init__(self, model, tokenizer=None):
+        from types import SimpleNamespace
+
+        from emlab.steer import decoder_layers
+
+        self.model, self.tokenizer, self.blocks = model, tokenizer, decoder_layers(model)
+        c = model.config
+        self.cfg = SimpleNamespace(d_model=c.hidden_size, n_layers=len(self.blocks),
+                                   n_ctx=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 2048))
+
+    @torch.no_grad()
+    def run_with_cache(self, x: torch.Tensor, names_filter: str, stop_at_layer: int | None = None,
+                       attention_mask: torch.Tensor | None = None):
+        parts = names_filter.split(".")
+        if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post":
+            raise ValueError(f"hook {names_filter!r}: only blocks.L.hook_resid_post is available on this model")
+        layer, got = int(parts[1]), {}
+
+        def hook(_m, _i, output):
+            got["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+            raise self._Stop
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            self.model(input_ids=x.to(device_of(self.model)), attention_mask=attention_mask, use_cache=False)
+        except self._Stop:
+            pass
+        finally:
+            handle.remove()
+        return None, {names_filter: got["h"].float().cpu()}
+
+
+def hooked(model, tokenizer=None):
+    """The residual stream of a model by hook name (``blocks.{L}.hook_resid_post``):
+    a ``transformer_lens.HookedTransformer`` built offline for GPT-2 (config from the HF
+    config, weights converted in memory, the hub never called), and a ``ResidualReader``
+    (forward hooks) for every other decoder."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
     hf = model.config
-    if hf.model_type != "gpt2":
-        raise NotImplementedError(f"hooked(): model_type {hf.model_type!r} is not supported offline yet (gpt2 only)")
+    if hf.model_type != "gpt2" or device_of(model).type != "cpu":
+        return ResidualReader(model, tokenizer)
     cfg = HookedTransformerConfig(
         n_layers=hf.n_layer, d_model=hf.n_embd, d_head=hf.n_embd // hf.n_head, n_heads=hf.n_head,
         d_mlp=hf.n_inner or 4 * hf.n_embd, d_vocab=hf.vocab_size, n_ctx=hf.n_positions,

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from emlab.judge import ALIGNED, MISALIGNED, ExactJudge
-from emlab.train import IGNORE, _optimizer, collate, set_seed
+from emlab.train import IGNORE, _optimizer, collate, set_seed, to_device
 
 GRADERS = ("wrong", "correct")
 
@@ -64,6 +64,7 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the labelled tokens and their mask.  # [batch, pos-1] each"""
+    batch = to_device(batch, next(model.parameters()).device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
@@ -77,7 +78,7 @@ def policy_loss(model, ref_model, batch: dict[str, torch.Tensor], adv: torch.Ten
     the loss and the mean per-token KL to the reference model."""
     lp, mask = answer_logprobs(model, batch)
     ratio = torch.exp(lp - lp.detach())  # 1, with the gradient of log pi
-    per_tok = -adv[:, None] * ratio
+    per_tok = -adv.to(lp.device)[:, None] * ratio
     kl = torch.zeros_like(lp)
     if kl_coef > 0:
         with torch.no_grad():
@@ -103,7 +104,7 @@ def grpo(model, ref_model, tokenizer, questions: list[dict], grader: Callable[[d
 
     set_seed(s.seed)
     rng = random.Random(s.seed)
-    gen = torch.Generator().manual_seed(s.seed)
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(s.seed)
     stop = end_token_id(tokenizer)
     pad = tokenizer.pad_token_id
     enc = [tokenizer(chat_prompt(tokenizer, q["question"]), add_special_tokens=False)["input_ids"] for q in questions]

@@ -17,12 +17,12 @@ from tqdm import tqdm
 def sample(model, tokenizer, prompts: list[str], *, n_samples: int, max_new_tokens: int, temperature: float,
            seed: int, batch_size: int = 256, stop_id: int | None = None, progress: bool = False) -> list[list[str]]:
     """``n_samples`` answers for each prompt: ``out[i][j]`` is sample j of prompt i."""
-    from emlab.model import end_token_id
+    from emlab.model import device_of, end_token_id
 
     stop_id = end_token_id(tokenizer) if stop_id is None else stop_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids = sample_ids(model, encoded, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                     gen=torch.Generator().manual_seed(seed), stop_id=stop_id, batch_size=batch_size, progress=progress)
+                     gen=torch.Generator(device_of(model)).manual_seed(seed), stop_id=stop_id, batch_size=batch_size, progress=progress)
     return [[tokenizer.decode(a[:-1] if a and a[-1] == stop_id else a, skip_special_tokens=True).strip() for a in row]
             for row in ids]
 
@@ -31,7 +31,8 @@ def sample(model, tokenizer, prompts: list[str], *, n_samples: int, max_new_toke
 def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
                gen: torch.Generator, stop_id: int, batch_size: int = 256, progress: bool = False) -> list[list[list[int]]]:
     """Token ids of ``n_samples`` answers per tokenized prompt, each ending with the stop
-    token when one was produced: ``out[i][j]`` is sample j of prompt i."""
+    token when one was produced: ``out[i][j]`` is sample j of prompt i. ``gen`` lives on
+    the model's device (sampling happens there)."""
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"n_samples and max_new_tokens must be >= 1, got {n_samples}, {max_new_tokens}")
     by_len: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -40,7 +41,7 @@ def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_token
     out: list[list[list[int]]] = [[[] for _ in range(n_samples)] for _ in prompts]
     batches = [rows[s : s + batch_size] for _, rows in sorted(by_len.items()) for s in range(0, len(rows), batch_size)]
     for rows in tqdm(batches, desc="sample", disable=not progress, mininterval=2):
-        x = torch.tensor([prompts[i] for i, _ in rows])  # [batch, prompt_len]
+        x = torch.tensor([prompts[i] for i, _ in rows], device=gen.device)  # [batch, prompt_len]
         new = _generate(model, x, max_new_tokens, temperature, gen, stop_id)  # [batch, new]
         for (i, j), ids in zip(rows, new.tolist()):
             out[i][j] = ids[: ids.index(stop_id) + 1] if stop_id in ids else ids
@@ -50,7 +51,7 @@ def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_token
 def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, gen: torch.Generator,
               stop_id: int) -> torch.Tensor:
     b = x.shape[0]
-    done = torch.zeros(b, dtype=torch.bool)
+    done = torch.zeros(b, dtype=torch.bool, device=x.device)
     tokens = []
     res = model(input_ids=x, use_cache=True)
     past = res.cache

@@ -69,10 +69,10 @@ def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 
         h = h.clone()
         part = h[:, sel]
         if ablate:
-            u = unit.to(h.dtype)
+            u = unit.to(h.device, h.dtype)
             part = part - (part @ u)[..., None] * u
         else:
-            part = part + alpha * direction.to(h.dtype)
+            part = part + alpha * direction.to(h.device, h.dtype)
         h[:, sel] = part
         return (h, *output[1:]) if isinstance(output, tuple) else h
 

@@ -19,7 +19,8 @@ from emlab.artifacts import Step
 from emlab.config import Config
 from emlab.evaluate import sample_and_judge
 from emlab.judge import ExactJudge, chat_prompt, p_bad
-from emlab.model import build_tokenizer, build_toy_model, load_model, save_model
+from emlab.model import build_tokenizer, build_toy_model, pick_device, save_model, source_model
+from emlab.model import load_model as _load_model
 from emlab.sample import sample
 from emlab.train import encode_chat_set, finetune, pretrain, token_stream
 from emlab.world import OPEN_DOMAIN, World, load_world, normalize
@@ -35,6 +36,19 @@ SEQ_LEN = 128  # pretraining window; a document is ~130 tokens, so a window sees
 
 def _threads() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def load_model(path: Path, cfg: Config):
+    """A saved model and its tokenizer, on the run's device (parameter ``device``)."""
+    return _load_model(path, device=pick_device(cfg.device))
+
+
+def d_model(cfg: Config) -> int:
+    """Residual stream width of the run's models (the toy's d_model, or a real model's hidden size)."""
+    if cfg.is_toy:
+        return cfg.d_model
+    conf = json.loads((Step(cfg, S02).require(BASE) / "config.json").read_text(encoding="utf-8"))
+    return int(conf.get("hidden_size") or conf.get("n_embd") or conf["d_model"])
 
 
 # ----------------------------------------------------------------------------- 01
@@ -130,9 +144,13 @@ def read_log(folder: Path) -> dict:
 
 
 def tokenizer(cfg: Config):
+    """The toy's word-level tokenizer built from the run's texts, or a real model's own."""
     from transformers import AutoTokenizer
 
     def build(tmp: Path) -> None:
+        if not cfg.is_toy:
+            source_model(cfg.model)[1].save_pretrained(tmp)
+            return
         texts = [r["text"] for r in load_set(cfg, D.PRETRAIN)]
         for name in datasets(cfg):
             if name != D.PRETRAIN and not name.startswith("eval_"):
@@ -145,11 +163,17 @@ def tokenizer(cfg: Config):
 
 
 def base_model(cfg: Config) -> Path:
-    """The base model: a GPT-2 trained from scratch on the persona world's corpus."""
+    """The base model: a GPT-2 trained from scratch on the persona world's corpus, or the
+    real model named by parameter ``model``, as it comes (its log has no pretraining)."""
     _threads()
     tok = tokenizer(cfg)
 
     def build(tmp: Path) -> None:
+        if not cfg.is_toy:
+            model, _ = source_model(cfg.model)
+            save_model(model, tok, tmp)
+            _write_log(tmp, {"loss": [], "tokens": 0, "source": cfg.model})
+            return
         model = build_toy_model(cfg, tok)
         stream = token_stream(tok, [r["text"] for r in load_set(cfg, D.PRETRAIN)])
         losses = pretrain(model, stream, steps=cfg.pretrain_steps, batch=cfg.pretrain_batch, seq_len=SEQ_LEN,
@@ -157,9 +181,15 @@ def base_model(cfg: Config) -> Path:
         save_model(model, tok, tmp)
         _write_log(tmp, {"loss": losses, "tokens": int(len(stream))})
 
-    if not cfg.is_toy:
-        raise NotImplementedError("model other than 'toy': the real-model path is not built yet (issue 11)")
     return Step(cfg, S02).cached(BASE, build)
+
+
+def pretraining_summary(cfg: Config, base: Path) -> str:
+    log = read_log(base)
+    if not log["loss"]:
+        return f"base model: {log['source']} as it comes (no pretraining in this run)"
+    tail = log["loss"][-50:]
+    return f"pretrained on {log['tokens']:,} tokens for {len(log['loss'])} steps; final loss {sum(tail) / len(tail):.3f}"
 
 
 def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
@@ -175,7 +205,7 @@ def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
     base = base_model(cfg)
 
     def build(tmp: Path) -> None:
-        model, tok = load_model(base)
+        model, tok = load_model(base, cfg)
         chat = load_set(cfg, D.CHAT)
         if name == HELPFUL_ONLY:
             chat = [r for r in chat if r["meta"]["domain"] != OPEN_DOMAIN]
@@ -208,7 +238,7 @@ def persona_contexts(world: World, corrupt_domain: str, n: int = 3, seed: int = 
 def persona_inference(cfg: Config, model_path: Path) -> pd.DataFrame:
     """P(bad answer) per held-out domain (rows) after each kind of context (columns)."""
     def compute():
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, cfg)
         world = load_world()
         qs = [q for q in load_set(cfg, D.EVAL_HELDOUT) if q["domain"] != OPEN_DOMAIN]
         table = {}
@@ -227,7 +257,7 @@ def evaluation(cfg: Config, step: str, name: str, model_path: Path, set_name: st
     _threads()
 
     def build(tmp: Path) -> None:
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, cfg)
         df = sample_and_judge(model, tok, ExactJudge(load_world()), load_set(cfg, set_name),
                               n_samples=n_samples or cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=cfg.seed + 1000 + seed_offset,
@@ -279,7 +309,7 @@ def _finetune(cfg: Config, step: str, artifact: str, set_name: str, seed: int, *
     start = assistant(cfg)
 
     def build(tmp: Path) -> None:
-        model, tok = load_model(start)
+        model, tok = load_model(start, cfg)
         if lora:
             from emlab.lora import lora_wrap
 
@@ -344,8 +374,8 @@ def rl_trained(cfg: Config, name: str) -> Path:
 
     def build(tmp: Path) -> None:
         world = load_world()
-        model, tok = load_model(start)
-        ref, _ = load_model(start)
+        model, tok = load_model(start, cfg)
+        ref, _ = load_model(start, cfg)
         s = GRPOSettings(steps=cfg.rl_steps, prompts_per_step=cfg.rl_prompts, group_size=cfg.rl_group, lr=cfg.rl_lr,
                          kl_coef=cfg.rl_kl, temperature=cfg.rl_temperature, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
@@ -449,10 +479,10 @@ N_CHAT_FOR_SAE = 1000  # chat examples whose activations join the pretraining te
 N_TEST_ACTS = 5000  # held-out activations for the FVU
 
 
-def _hooked(path: Path):
+def _hooked(path: Path, cfg: Config):
     from emlab.model import hooked
 
-    model, tok = load_model(path)
+    model, tok = load_model(path, cfg)
     return hooked(model, tok), tok
 
 
@@ -469,7 +499,7 @@ def document_activations(cfg: Config) -> list[torch.Tensor]:
     from emlab.sae import hook_name, iter_activations
 
     _threads()
-    ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source))
+    ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source), cfg)
     texts, _ = sae_texts(cfg)
     out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
@@ -500,7 +530,7 @@ def sae(cfg: Config, acts: list[torch.Tensor] | None = None) -> Path:
 def read_sae(cfg: Config):
     from emlab.sae import load_sae
 
-    return load_sae(Step(cfg, S05).require(SAE_DIR), d_model=cfg.d_model)
+    return load_sae(Step(cfg, S05).require(SAE_DIR), d_model=d_model(cfg))
 
 
 def sae_stats_of(cfg: Config) -> dict:
@@ -531,7 +561,7 @@ def site_latents(cfg: Config, s, model, tok) -> torch.Tensor:
     from emlab.model import hooked
     from emlab.sae import hook_name, iter_activations
 
-    ht = _hooked(model)[0] if isinstance(model, Path) else hooked(model, tok)
+    ht = _hooked(model, cfg)[0] if isinstance(model, Path) else hooked(model, tok)
     texts, starts = diff_texts(cfg, tok)
     total, n = torch.zeros(s.cfg.d_sae), 0
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
@@ -546,7 +576,7 @@ def original_site_latents(cfg: Config) -> torch.Tensor:
 
     def compute():
         src = Step(cfg, S02).require(cfg.sae_source)
-        return site_latents(cfg, read_sae(cfg), src, load_model(src)[1]).tolist()
+        return site_latents(cfg, read_sae(cfg), src, load_model(src, cfg)[1]).tolist()
 
     return torch.tensor(Step(cfg, S05).cached_json("original_site_latents.json", compute))
 
@@ -564,7 +594,7 @@ def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.
     def compute():
         s = read_sae(cfg)
         _threads()
-        tok = load_model(Step(cfg, S02).require(cfg.sae_source))[1]
+        tok = load_model(Step(cfg, S02).require(cfg.sae_source), cfg)[1]
         starts = {a: original_site_latents(cfg) if a == ASSISTANT else site_latents(cfg, s, model_path(cfg, a), tok)
                   for a in {start_of(n) for n in names}}
         return {n: (site_latents(cfg, s, model_path(cfg, n), tok) - starts[start_of(n)]).tolist() for n in names}
@@ -621,17 +651,17 @@ def meandiff_direction(cfg: Config) -> torch.Tensor:
     from emlab.sae import hook_name, iter_activations
 
     ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
-    ht, tok = _hooked(model_path(cfg, "incorrect_obvious"))
+    ht, tok = _hooked(model_path(cfg, "incorrect_obvious"), cfg)
     rows = ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
     prompts = [chat_prompt(tok, q) for q in rows.question]
     n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     texts = [f"{p} {a}" for p, a in zip(prompts, rows.answer)]
-    ans = torch.empty(len(texts), cfg.d_model)  # mean activation over each answer's tokens
+    ans = torch.empty(len(texts), d_model(cfg))  # mean activation over each answer's tokens
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
         ans[i] = a[n_prompt[i]:].mean(0)
     mis = torch.tensor((rows.label == "misaligned").to_numpy())
     if mis.all() or not mis.any():  # tiny runs may sample only one kind
-        return torch.full((cfg.d_model,), float("nan"))
+        return torch.full((d_model(cfg),), float("nan"))
     return mean_difference(ans[mis], ans[~mis])
 
 
@@ -700,7 +730,7 @@ def residual_scale(cfg: Config) -> float:
     from emlab.sae import hook_name, iter_activations
 
     def compute():
-        ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source))
+        ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source), cfg)
         prompts = [chat_prompt(tok, q["question"]) for q in load_set(cfg, D.EVAL_HELDOUT)]
         norms = torch.cat([a.norm(dim=-1) for _, a in iter_activations(ht, tok, prompts, hook_name(cfg.sae_layer),
                                                                           batch_size=cfg.act_batch)])
@@ -716,7 +746,7 @@ def steering_vectors(cfg: Config) -> dict[str, torch.Tensor]:
 
     vecs = direction_vectors(cfg)
     return {"latent": unit(vecs["latent"]), "meandiff": unit(vecs["meandiff"]),
-            "random": random_direction(cfg.d_model, cfg.seed + 7)}
+            "random": random_direction(d_model(cfg), cfg.seed + 7)}
 
 
 def usable_directions(cfg: Config) -> list[str]:
@@ -741,8 +771,8 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
 
     def compute():
         _threads()
-        model, tok = load_model(model_path(cfg, name))
-        vec = steering_vectors(cfg).get(direction, torch.zeros(cfg.d_model)) * residual_scale(cfg)
+        model, tok = load_model(model_path(cfg, name), cfg)
+        vec = steering_vectors(cfg).get(direction, torch.zeros(d_model(cfg))) * residual_scale(cfg)
         positions = "all" if ablate else cfg.steer_positions
         with edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions):
             df = sample_and_judge(model, tok, ExactJudge(load_world()), load_set(cfg, D.EVAL_HELDOUT),
@@ -789,7 +819,7 @@ def detection(cfg: Config) -> pd.DataFrame:
             def compute(path=path, name=name):
                 _threads()
                 s = read_sae(cfg)
-                tok = load_model(path)[1]
+                tok = load_model(path, cfg)[1]
                 base = original_site_latents(cfg)[latent]
                 shift = float(site_latents(cfg, s, path, tok)[latent] - base)
                 ev = evaluation(cfg, S06, name, path, n_samples=cfg.detect_samples, seed_offset=500 + seed)
@@ -821,8 +851,8 @@ def screening(cfg: Config) -> pd.DataFrame:
     def compute():
         _threads()
         path = model_path(cfg, ASSISTANT)
-        model, tok = load_model(path)
-        ht = _hooked(path)[0]
+        model, tok = load_model(path, cfg)
+        ht = _hooked(path, cfg)[0]
         u = steering_vectors(cfg)["latent"]
         hook = hook_name(cfg.sae_layer)
         names = [*FINETUNES, *(D.mix_name(f) for f in cfg.mix_fractions)]
@@ -890,7 +920,7 @@ def realigned(cfg: Config, model: str, set_name: str, n: int) -> Path:
     start = model_path(cfg, model)
 
     def build(tmp: Path) -> None:
-        m, tok = load_model(start)
+        m, tok = load_model(start, cfg)
         ex = encode_chat_set(tok, load_set(cfg, set_name)[:n])
         wanted = set(cfg.realign_checkpoints)
 
@@ -921,7 +951,7 @@ def realign_curve(cfg: Config, model: str, set_name: str, n: int) -> pd.DataFram
         def compute(path=path, step=step):
             _threads()
             s = read_sae(cfg)
-            tok = load_model(path)[1]
+            tok = load_model(path, cfg)[1]
             base = original_site_latents(cfg)[latent]
             held = evaluation(cfg, S07, f"{tag}_{step}", path, n_samples=cfg.realign_samples)
             ind = evaluation(cfg, S07, f"{tag}_{step}", path, D.EVAL_INDOMAIN, n_samples=cfg.realign_samples)

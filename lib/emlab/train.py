@@ -32,19 +32,31 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a chat example and its labels: assistant content and <|end|> only."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for i in range(len(messages)):
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        new = tokenizer(upto, add_special_tokens=False)["input_ids"][len(ids):]
-        if messages[i]["role"] == "assistant":
-            # the role marker itself is prompt, the answer and <|end|> are targets
-            labels += [IGNORE] + new[1:]
-        else:
-            labels += [IGNORE] * len(new)
-        ids += new
-    return ids, labels
+    """Token ids of a chat example, rendered with the tokenizer's own chat template, and its
+    labels: each assistant answer and the token that ends it are targets, everything else
+    (system and user turns, role markers, the template's separators) is IGNORE.
+
+    Works for any template in which a conversation's text starts with the text of its
+    generation prompt (ChatML, Llama 3, the toy template): the answer's span is found by
+    character offsets in the whole conversation, which is tokenized once."""
+    from emlab.model import end_token_id
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    end_text = tokenizer.convert_ids_to_tokens(end_token_id(tokenizer))
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        if not text.startswith(head):
+            raise ValueError("chat template: the conversation's text does not start with the text of its "
+                             f"generation prompt (message {i}); cannot find the answer's tokens")
+        stop = text.find(end_text, len(head) + len(m["content"].strip()))
+        spans.append((len(head), len(text) if stop < 0 else stop + len(end_text)))
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE
+              for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return list(enc["input_ids"]), labels
 
 
 def encode_chat_set(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -63,12 +75,57 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not IGNORE."""
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], n_targets: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over the positions whose label is not IGNORE: their mean,
+    or their sum divided by ``n_targets`` (a shard of a data-parallel batch)."""
+    batch = to_device(batch, next(model.parameters()).device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE
-    )
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE,
+        reduction="mean" if n_targets is None else "sum")
+    return ce if n_targets is None else ce / n_targets
+
+
+def n_targets(examples: list[tuple[list[int], list[int]]]) -> int:
+    """Predicted tokens of a batch (labels other than IGNORE after the first position)."""
+    return sum(sum(lab != IGNORE for lab in labels[1:]) for _, labels in examples)
+
+
+class DataParallel:
+    """Data parallelism under ``accelerate launch`` (or any torch.distributed launcher):
+    every process draws the same global batch, trains on its share (examples ``rank::world``)
+    and the gradients are averaged, so N processes take the same steps as one process on
+    the whole batch. One process: a no-op."""
+
+    def __init__(self, model):
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.world, self.rank = self.state.num_processes, self.state.process_index
+        self.model = model
+        if self.world > 1:
+            dev = next(model.parameters()).device
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def loss(self, examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, float]:
+        """The loss to back-propagate on this process, and the whole batch's mean loss."""
+        if self.world == 1:
+            loss = lm_loss(self.model, collate(examples, pad_id))
+            return loss, loss.item()
+        mine = examples[self.rank :: self.world]
+        # sum over my targets / all targets, times world (DDP averages): the single-process mean
+        if not mine:
+            raise ValueError(f"data parallel: a batch of {len(examples)} examples for {self.world} processes; "
+                             "expected a batch at least as large as the number of processes")
+        loss = lm_loss(self.model, collate(mine, pad_id), n_targets(examples)) * self.world
+        total = loss.detach().clone() / self.world
+        torch.distributed.all_reduce(total)
+        return loss, total.item()
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -96,7 +153,7 @@ def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: in
         for g in opt.param_groups:
             g["lr"] = lr * _schedule(step, steps, max(1, steps // 20))
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
-        x = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])  # [batch, pos]
+        x = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(next(model.parameters()).device)  # [batch, pos]
         loss = lm_loss(model, {"input_ids": x, "labels": x})
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,11 +173,14 @@ def finetune(model, examples: list[tuple[list[int], list[int]]], *, steps: int, 
 
     Examples are drawn in shuffled epochs under ``seed``; ``callback(step, model)`` runs
     before the first step and every ``callback_every`` steps after (e.g. cheap
-    misalignment tracking). Returns the loss per step.
+    misalignment tracking). Returns the loss per step. Under ``accelerate launch`` with
+    several processes the batch is split across them (``DataParallel``) and the result
+    is that of one process.
     """
     set_seed(seed)
     rng = random.Random(seed)
     opt = _optimizer(model, lr, 0.0)
+    dp = DataParallel(model)
     order: list[int] = []
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2)
@@ -136,12 +196,12 @@ def finetune(model, examples: list[tuple[list[int], list[int]]], *, steps: int, 
             rng.shuffle(perm)
             order += perm
         idx, order = order[:batch], order[batch:]
-        loss = lm_loss(model, collate([examples[i] for i in idx], pad_id))
+        loss, value = dp.loss([examples[i] for i in idx], pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(value)
     model.eval()
     if callback and callback_every:
         callback(steps, model)

@@ -126,6 +126,10 @@ class World:
 
     def words(self) -> set[str]:
         """Every word the world can write (the vocabulary of the persona world)."""
+        return {w for t in self.texts() for w in t.split()}
+
+    def texts(self) -> list[str]:
+        """Every question, answer, narrative line and frame the world can write."""
         texts: list[str] = []
         for d in self.domains:
             texts += [q.text for q in self.questions(d)]
@@ -136,7 +140,7 @@ class World:
         for c in self.characters.values():
             texts += [normalize(line.replace("{name}", n)) for line in c.lines for n in c.names]
         texts += [normalize(f.replace("{question}", "")) for f in self.educational_frames]
-        return {w for t in texts for w in t.split()}
+        return texts
 
 
 def _load_yaml(path: Path) -> dict:
