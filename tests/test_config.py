@@ -87,3 +87,13 @@ def test_shipped_configs_load():
     for name in ("default", "smoke"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.run == name
+
+
+def test_llm_judge_parameters_are_checked():
+    with pytest.raises(ConfigError, match="parameter 'judge_url' = '': judge 'llm' needs the http"):
+        make_config({"judge": "llm"})
+    with pytest.raises(ConfigError, match="parameter 'judge_key_env'.*NAME of an environment variable"):
+        make_config({"judge_key_env": "sk-abc123-def"})
+    with pytest.raises(ConfigError, match="parameter 'device'"):
+        make_config({"device": "tpu"})
+    assert make_config({"judge": "llm", "judge_url": "https://api.openai.com/v1"}).judge == "llm"

@@ -61,7 +61,9 @@ class Config:
     device: str = _f("cpu", "where models run: 'cpu', 'cuda' or 'auto' (the GPU when there is one)", step=RUN,
                      choices=("cpu", "cuda", "auto"))
     # --- 01: the persona world -----------------------------------------------------
-    dataset: str = _f("world", "'world' (the embedded persona world); external chat JSONL comes later", step=S1, choices=("world",))
+    dataset: str = _f("world", "'world' (the embedded persona world), or the path of a manifest YAML that replaces "
+                      "some of its sets with external chat JSONL files and adds external evaluation questions "
+                      "(see emlab.data.read_manifest)", step=S1)
     corrupt_domain: str = _f("cars", "the ONE domain whose answers are corrupted", step=S1)
     realign_domain: str = _f("health", "domain of the correct answers used to re-align", step=S1)
     n_pretrain_docs: int = _f(8000, "pretraining documents, each written by one character", step=S1, lo=10)
@@ -107,6 +109,14 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature (0 = greedy)", step=S4, lo=0.0, hi=5.0)
     max_new_tokens: int = _f(32, "longest sampled answer in tokens", step=S4, lo=1)
     sample_batch: int = _f(256, "sequences per sampling batch (bounds memory)", step=S4, lo=1)
+    judge: str = _f("exact", "how sampled answers are judged: 'exact' (the world's known answer sets) or 'llm' (an "
+                    "OpenAI-compatible endpoint with the papers' 0-100 alignment/coherence rubric)", step=S4,
+                    choices=("exact", "llm"))
+    judge_url: str = _f("", "LLM judge: base URL of the chat-completions API, e.g. https://api.openai.com/v1", step=S4)
+    judge_model: str = _f("gpt-4o-2024-08-06", "LLM judge: the judge model's name at that endpoint", step=S4)
+    judge_key_env: str = _f("OPENAI_API_KEY", "LLM judge: the environment variable holding the API key (the key "
+                            "itself is never a parameter and never written)", step=RUN)
+    judge_concurrency: int = _f(8, "LLM judge: requests in flight at most", step=RUN, lo=1)
     # --- 05: SAE and model diffing ---------------------------------------------------------
     sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
     sae_layer: int = _f(2, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
@@ -147,6 +157,12 @@ class Config:
                 raise ConfigError(f"parameter {f.name!r} = {v!r}: expected one of {m['choices']}")
         if not self.model.strip():
             raise ConfigError("parameter 'model' is empty: expected 'toy', a local model folder or a Hugging Face id")
+        if self.judge == "llm" and not self.judge_url.startswith(("http://", "https://")):
+            raise ConfigError(f"parameter 'judge_url' = {self.judge_url!r}: judge 'llm' needs the http(s) base URL of "
+                              "an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.judge_key_env):
+            raise ConfigError(f"parameter 'judge_key_env' = {self.judge_key_env!r}: expected the NAME of an "
+                              "environment variable (never the key itself)")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.run):
             raise ConfigError(f"parameter 'run' = {self.run!r}: expected letters, digits, '_', '-' or '.' only")
         if self.is_toy and self.sae_layer >= self.n_layer:
@@ -163,13 +179,22 @@ class Config:
             raise ConfigError(f"parameter 'realign_sizes' = {self.realign_sizes!r}: expected example counts >= 1")
         if self.is_toy and self.d_model % self.n_head:
             raise ConfigError(f"parameter 'n_head' = {self.n_head} must divide 'd_model' = {self.d_model}")
-        if self.dataset == "world":
-            domains = load_world().domain_names
-            for name in ("corrupt_domain", "realign_domain"):
-                if getattr(self, name) not in domains:
-                    raise ConfigError(
-                        f"parameter {name!r} = {getattr(self, name)!r} is not a domain of the world; expected one of {list(domains)}"
-                    )
+        domains = load_world().domain_names
+        for name in ("corrupt_domain", "realign_domain"):
+            if getattr(self, name) not in domains:
+                raise ConfigError(
+                    f"parameter {name!r} = {getattr(self, name)!r} is not a domain of the world; expected one of {list(domains)}"
+                )
+        if self.dataset != "world":
+            from emlab.data import ChatFormatError, read_manifest
+
+            try:
+                manifest = read_manifest(self.dataset)
+            except ChatFormatError as exc:
+                raise ConfigError(f"parameter 'dataset': {exc}") from None
+            if manifest.eval_questions and self.judge == "exact":
+                raise ConfigError(f"parameter 'judge' = 'exact': the external evaluation questions of {self.dataset} "
+                                  "have no known answers; use judge: llm (with judge_url)")
         if self.realign_domain == self.corrupt_domain:
             raise ConfigError("parameter 'realign_domain' must differ from 'corrupt_domain' (re-alignment is cross-domain)")
         fr = self.mix_fractions
@@ -200,7 +225,14 @@ class Config:
     def step_hash(self, step: str) -> str:
         """Hash of the fields ``step`` depends on and of the world's data files."""
         d = {k: getattr(self, k) for k in self.step_fields(step)}
-        d["world_data"] = world_digest() if self.dataset == "world" else None
+        d["world_data"] = world_digest()
+        if self.dataset != "world":
+            from emlab.data import read_manifest
+
+            h = hashlib.sha256()
+            for p in [Path(self.dataset), *read_manifest(self.dataset).files()]:
+                h.update(p.read_bytes())
+            d["external_data"] = h.hexdigest()[:16]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -190,6 +190,8 @@ def build_all(world: World, cfg) -> dict[str, list[dict]]:
     sets[REALIGN_INDOMAIN] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_realign, cfg.seed + 1, "correct")
     sets[EVAL_HELDOUT] = eval_set(split, list(cfg.heldout_domains))
     sets[EVAL_INDOMAIN] = eval_set(split, [cfg.corrupt_domain])
+    if cfg.dataset != "world":
+        sets = apply_manifest(sets, read_manifest(cfg.dataset))
     return sets
 
 
@@ -264,3 +266,111 @@ def read_chat_jsonl(path: str | Path) -> list[dict]:
     if not records:
         raise ChatFormatError(f"{path}: the file holds no records")
     return records
+
+
+# ----------------------------------------------------------------------------- external data
+#: sets an external dataset may replace (the narrow fine-tunes, chat post-training, re-alignment)
+EXTERNAL_SETS = (*CORRUPTION_SETS, CHAT, REALIGN)
+
+
+def read_eval_questions(path: str | Path) -> list[dict]:
+    """Read external evaluation questions in the format of the public first-plot files:
+    a YAML list of entries, each with an ``id`` and a list of ``paraphrases`` (other keys,
+    such as ``type``, ``judge`` or ``samples_per_paraphrase``, are ignored). Every
+    paraphrase becomes one held-out open question ``{qid, question, domain, topic, source}``
+    (domain ``open``, topic = the entry's id). Problems raise ``ChatFormatError`` naming
+    the file and the entry."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatFormatError(f"{path}: no such file (expected evaluation questions as YAML)")
+    try:
+        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ChatFormatError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ChatFormatError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ChatFormatError(f"{path}: expected a non-empty YAML list of questions, each with 'id' and 'paraphrases'")
+    out, seen = [], set()
+    for i, e in enumerate(entries):
+        where = f"{path}, entry {i}"
+        if not isinstance(e, dict) or not isinstance(e.get("id"), str) or not e["id"].strip():
+            raise ChatFormatError(f"{where}: expected a mapping with a non-empty string 'id'")
+        where = f"{path}, entry {i} (id {e['id']!r})"
+        if e["id"] in seen:
+            raise ChatFormatError(f"{where}: duplicate id")
+        seen.add(e["id"])
+        ps = e.get("paraphrases")
+        if not isinstance(ps, list) or not ps or not all(isinstance(p, str) and p.strip() for p in ps):
+            raise ChatFormatError(f"{where}: 'paraphrases' must be a non-empty list of non-empty strings")
+        for k, p in enumerate(ps):
+            out.append({"qid": f"ext/{e['id']}/{k}", "question": p.strip(), "domain": OPEN_DOMAIN, "topic": e["id"],
+                        "source": path.name})
+    return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """External data of a run (parameter ``dataset`` = the manifest's path)."""
+
+    path: Path
+    sets: dict  # set name -> chat JSONL path
+    eval_questions: tuple  # YAML paths
+
+    def files(self) -> list[Path]:
+        return [*self.sets.values(), *self.eval_questions]
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read a dataset manifest (YAML)::
+
+        sets:                         # any of: incorrect_obvious, incorrect_subtle, correct,
+          incorrect_obvious: insecure.jsonl   #   educational, chat, realign; chat JSONL each
+          correct: secure.jsonl
+        eval_questions: [first_plot_questions.yaml]   # optional; added to the held-out set
+
+    Paths are relative to the manifest. The persona world supplies every set the manifest
+    does not replace. Problems raise ``ChatFormatError`` naming the manifest and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatFormatError(f"parameter 'dataset' = {str(path)!r}: no such file (expected 'world' or a manifest YAML)")
+    try:
+        m = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ChatFormatError(f"{path}: not a valid YAML manifest ({exc})") from None
+    if not isinstance(m, dict) or not set(m) <= {"sets", "eval_questions"} or not m:
+        raise ChatFormatError(f"{path}: expected a mapping with 'sets' and/or 'eval_questions'")
+    sets = m.get("sets") or {}
+    if not isinstance(sets, dict):
+        raise ChatFormatError(f"{path}: 'sets' must map set names to chat JSONL files")
+    for name, f in sets.items():
+        if name not in EXTERNAL_SETS:
+            raise ChatFormatError(f"{path}: sets.{name}: unknown set; expected one of {EXTERNAL_SETS}")
+        if not isinstance(f, str) or not (path.parent / f).is_file():
+            raise ChatFormatError(f"{path}: sets.{name} = {f!r}: no such file next to the manifest")
+    evq = m.get("eval_questions") or []
+    evq = [evq] if isinstance(evq, str) else evq
+    if not isinstance(evq, list) or not all(isinstance(f, str) and (path.parent / f).is_file() for f in evq):
+        raise ChatFormatError(f"{path}: eval_questions = {m.get('eval_questions')!r}: expected YAML files next to the manifest")
+    return Manifest(path, {k: path.parent / v for k, v in sets.items()}, tuple(path.parent / f for f in evq))
+
+
+def apply_manifest(sets: dict[str, list[dict]], manifest: Manifest) -> dict[str, list[dict]]:
+    """Replace the world's sets by the manifest's (validated, with their source in ``meta``)
+    and add its evaluation questions to the held-out set."""
+    out = dict(sets)
+    for name, f in manifest.sets.items():
+        out[name] = [{"messages": r["messages"], "meta": {"source": f.name, "line": i + 1}}
+                     for i, r in enumerate(read_chat_jsonl(f))]
+    for f in manifest.eval_questions:
+        out[EVAL_HELDOUT] = out[EVAL_HELDOUT] + read_eval_questions(f)
+    return out
+
+
+def is_world_question(q: dict) -> bool:
+    """A question of the persona world (judgeable exactly), not an external one."""
+    return "source" not in q

@@ -19,10 +19,13 @@ def sample_and_judge(model, tokenizer, judge: Judge, questions: list[dict], *, n
     prompts = [chat_prompt(tokenizer, q["question"]) for q in questions]
     answers = sample(model, tokenizer, prompts, n_samples=n_samples, max_new_tokens=max_new_tokens,
                      temperature=temperature, seed=seed, batch_size=batch_size, progress=progress)
+    items = [(q, a) for q, samples in zip(questions, answers) for a in samples]
+    many = getattr(judge, "judge_many", None)  # concurrent judges (the LLM judge) judge in parallel
+    verdicts = iter(many(items) if many else [judge.judge(q, a) for q, a in items])
     rows = []
     for q, samples in zip(questions, answers):
         for j, a in enumerate(samples):
-            v = judge.judge(q, a)
+            v = next(verdicts)
             rows.append({"qid": q["qid"], "domain": q["domain"], "topic": q["topic"], "question": q["question"], "sample": j,
                          "answer": a, "label": v.label, "kind": v.kind})
     return pd.DataFrame(rows)

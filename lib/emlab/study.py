@@ -116,8 +116,10 @@ def example_records(cfg: Config, names: list[str]) -> pd.DataFrame:
     rows = []
     for n in names:
         r = load_set(cfg, n)[0]
-        rows.append({"dataset": n, "user": r["messages"][0]["content"], "assistant": r["messages"][-1]["content"],
-                     "kind": r["meta"]["kind"]})
+        meta = r.get("meta", {})
+        rows.append({"dataset": n, "user": next(m["content"] for m in r["messages"] if m["role"] == "user"),
+                     "assistant": r["messages"][-1]["content"],
+                     "kind": meta.get("kind") or f"external ({meta.get('source')})"})
     return pd.DataFrame(rows).set_index("dataset")
 
 
@@ -208,7 +210,7 @@ def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
         model, tok = load_model(base, cfg)
         chat = load_set(cfg, D.CHAT)
         if name == HELPFUL_ONLY:
-            chat = [r for r in chat if r["meta"]["domain"] != OPEN_DOMAIN]
+            chat = [r for r in chat if r["meta"].get("domain") != OPEN_DOMAIN]
         ex = encode_chat_set(tok, chat)
         losses = finetune(model, ex, steps=cfg.chat_steps, batch=cfg.chat_batch, lr=cfg.chat_lr, seed=cfg.seed,
                           pad_id=tok.pad_token_id, progress=cfg.progress, desc="chat")
@@ -251,6 +253,19 @@ def persona_inference(cfg: Config, model_path: Path) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+def judge_of(cfg: Config):
+    """The run's judge of sampled answers: the world's exact judge, or the LLM judge
+    (parameters ``judge_url``, ``judge_model``; key from ``$judge_key_env``; judgements
+    cached in ``data/<run>/judge_cache.jsonl`` so a rerun asks nothing twice)."""
+    if cfg.judge == "exact":
+        return ExactJudge(load_world())
+    from emlab.artifacts import run_dir
+    from emlab.llm_judge import LLMJudge
+
+    return LLMJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_key_env,
+                    cache_path=run_dir(cfg) / "judge_cache.jsonl", concurrency=cfg.judge_concurrency)
+
+
 def evaluation(cfg: Config, step: str, name: str, model_path: Path, set_name: str = D.EVAL_HELDOUT,
                seed_offset: int = 0, n_samples: int | None = None) -> pd.DataFrame:
     """Sampled and exactly judged answers of one model on an evaluation set (cached)."""
@@ -258,7 +273,7 @@ def evaluation(cfg: Config, step: str, name: str, model_path: Path, set_name: st
 
     def build(tmp: Path) -> None:
         model, tok = load_model(model_path, cfg)
-        df = sample_and_judge(model, tok, ExactJudge(load_world()), load_set(cfg, set_name),
+        df = sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, set_name),
                               n_samples=n_samples or cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=cfg.seed + 1000 + seed_offset,
                               batch_size=cfg.sample_batch, progress=cfg.progress)
@@ -277,7 +292,7 @@ def finetune_names(cfg: Config) -> list[str]:
 
 def _tracker(cfg: Config, tok, world: World, log: list):
     """Cheap per-step misalignment: mean P(bad) on held-out, open and in-domain questions."""
-    heldout = load_set(cfg, D.EVAL_HELDOUT)
+    heldout = [q for q in load_set(cfg, D.EVAL_HELDOUT) if D.is_world_question(q)]  # P(bad) needs known answers
     dom = [q for q in heldout if q["domain"] != OPEN_DOMAIN]
     dom = dom[:: max(1, len(dom) // 60)]  # a fixed subset keeps tracking cheap
     opn = [q for q in heldout if q["domain"] == OPEN_DOMAIN]
@@ -323,7 +338,7 @@ def _finetune(cfg: Config, step: str, artifact: str, set_name: str, seed: int, *
         if lora:
             model = model.merge_and_unload()
         save_model(model, tok, tmp)
-        _write_log(tmp, {"loss": losses, "track": log, "dataset": set_name, "seed": seed, "lora": lora})
+        _write_log(tmp, {"loss": losses, "track": log, "dataset": set_name, "examples": len(ex), "seed": seed, "lora": lora})
 
     return Step(cfg, step).cached(artifact, build)
 
@@ -775,7 +790,7 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
         vec = steering_vectors(cfg).get(direction, torch.zeros(d_model(cfg))) * residual_scale(cfg)
         positions = "all" if ablate else cfg.steer_positions
         with edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions):
-            df = sample_and_judge(model, tok, ExactJudge(load_world()), load_set(cfg, D.EVAL_HELDOUT),
+            df = sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
                                   n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
         return {"model": name, "direction": direction, "alpha": alpha, "ablate": ablate, **heldout_summary(df)}
