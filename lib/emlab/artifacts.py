@@ -30,6 +30,15 @@ FIGURES_DIRNAME = "figures"
 CONFIGS_DIRNAME = "configs"
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, number of processes) under ``accelerate launch`` / torch.distributed, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class MissingArtifactError(FileNotFoundError):
     """An upstream artifact is missing; the message says which notebook makes it."""
 
@@ -145,11 +154,42 @@ class Step:
         place only when complete, then the config is written beside it.
         """
         target = self.path / name
+        rank, world = _process_group()
+        if world > 1:
+            return self._cached_distributed(name, build, rank)
         if self.is_fresh(name):
             log.info("reusing %s/%s (config hash %s)", self.name, name, self.hash)
             return target
         if target.exists():
             log.warning("%s/%s was made by another config: recomputing", self.name, name)
+        self._build_as_main(name, build)
+        return target
+
+    def _cached_distributed(self, name: str, build: Callable[[Path], None], rank: int) -> Path:
+        """``cached`` when several processes run the same code (``accelerate launch``):
+        process 0 decides whether to build and writes the artifact; every process runs
+        ``build`` (a data-parallel fine-tune needs all of them), the others into a private
+        folder that is thrown away; then all wait for the artifact to be in place."""
+        import torch.distributed as dist
+
+        decision = [self.is_fresh(name) if rank == 0 else None]
+        dist.broadcast_object_list(decision, src=0)
+        target = self.path / name
+        if not decision[0]:
+            if rank == 0:
+                self._build_as_main(name, build)
+            else:
+                scratch = self.path / f".{name}.rank{rank}.scratch"
+                if scratch.exists():
+                    shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
+                scratch.parent.mkdir(parents=True, exist_ok=True)
+                build(scratch)
+                shutil.rmtree(scratch, ignore_errors=True) if scratch.is_dir() else scratch.unlink(missing_ok=True)
+        dist.barrier()
+        return target
+
+    def _build_as_main(self, name: str, build: Callable[[Path], None]) -> None:
+        target = self.path / name
         clear_stale_tmp(target)
         tmp = _atomic_tmp(target)
         if tmp.exists():
@@ -159,7 +199,6 @@ class Step:
             raise RuntimeError(f"building {self.name}/{name} wrote nothing at {tmp}")
         _replace(tmp, target)
         atomic_write_json(self.meta_path(name), {"hash": self.hash, "step": self.name, "config": self.cfg.to_dict()})
-        return target
 
     def cached_json(self, name: str, compute: Callable[[], Any]) -> Any:
         """A JSON artifact computed by ``compute()`` unless fresh; returns its content."""

@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--markdown", action="store_true", help="print a Markdown table")
     s.add_argument("--headline", action="store_true", help="only the README's headline rows (first run)")
     sub.add_parser("params", help="every parameter with its type, default and help")
+    b = sub.add_parser("build", help="build the trained models of some steps without the notebooks; run it under "
+                       "`accelerate launch` to fine-tune data-parallel on several GPUs, then `emlab run` reuses them")
+    b.add_argument("config", help="a parameter file, e.g. configs/qwen2.5-0.5b-instruct.yaml")
+    b.add_argument("--only", nargs="+", metavar="NN", default=["02", "03"], choices=["02", "03"],
+                   help="02: the base model and both assistants; 03: every narrow fine-tune (default: both)")
     t = sub.add_parser("tiny-model", help="save a tiny randomly initialised model of a real architecture, with a "
                        "BPE tokenizer trained on the world's words and that family's chat template (try the "
                        "real-model path with `model: <folder>`; no download)")
@@ -42,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             table = results_table([Path(x) for x in args.runs])
             print(to_markdown(table) if args.markdown else table.to_string())
+            return 0
+        if args.cmd == "build":
+            from emlab.study import build_models
+
+            for line in build_models(args.config, args.only):
+                print(line, flush=True)
             return 0
         if args.cmd == "tiny-model":
             from emlab.model import save_tiny_model

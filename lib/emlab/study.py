@@ -343,6 +343,25 @@ def _finetune(cfg: Config, step: str, artifact: str, set_name: str, seed: int, *
     return Step(cfg, step).cached(artifact, build)
 
 
+def build_models(config_path: str | Path, steps: list[str]):
+    """Build the trained models of notebooks 02 and/or 03 outside the notebooks (``emlab
+    build``); under ``accelerate launch`` every fine-tune is data-parallel across the
+    processes and process 0 writes each artifact. Yields one line per model built."""
+    from accelerate import PartialState
+
+    from emlab.config import load_config
+
+    state = PartialState()  # joins the process group of a launcher (and picks this process's GPU)
+    cfg = load_config(config_path)
+    datasets(cfg)
+    names = [*ASSISTANTS] if "02" in steps else []
+    names += finetune_names(cfg) if "03" in steps else []
+    for n in names:
+        path = assistant(cfg, n) if n in ASSISTANTS else finetuned(cfg, n)
+        if state.is_main_process:
+            yield f"{n}: {path} ({state.num_processes} process(es))"
+
+
 def training_dynamics(cfg: Config, names: list[str]) -> pd.DataFrame:
     rows = []
     for n in names:
