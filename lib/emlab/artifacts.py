@@ -86,6 +86,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def clear_stale_tmp(target: Path) -> None:
     """Remove half-written siblings of ``target`` left by a process that died (killed runs)."""
     if not target.parent.is_dir():
@@ -94,7 +98,7 @@ def clear_stale_tmp(target: Path) -> None:
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             log.warning("removing %s, left half-written by a run that was killed", p)
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -162,39 +166,34 @@ class Step:
             return target
         if target.exists():
             log.warning("%s/%s was made by another config: recomputing", self.name, name)
-        self._build_as_main(name, build)
+        self._build(name, build)
         return target
 
     def _cached_distributed(self, name: str, build: Callable[[Path], None], rank: int) -> Path:
         """``cached`` when several processes run the same code (``accelerate launch``):
         process 0 decides whether to build and writes the artifact; every process runs
-        ``build`` (a data-parallel fine-tune needs all of them), the others into a private
-        folder that is thrown away; then all wait for the artifact to be in place."""
+        ``build`` (a data-parallel fine-tune needs all of them), the others into their own
+        temporary path, which is thrown away; then all wait for the artifact to be in place."""
         import torch.distributed as dist
 
         decision = [self.is_fresh(name) if rank == 0 else None]
         dist.broadcast_object_list(decision, src=0)
-        target = self.path / name
         if not decision[0]:
-            if rank == 0:
-                self._build_as_main(name, build)
-            else:
-                scratch = self.path / f".{name}.rank{rank}.scratch"
-                if scratch.exists():
-                    shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
-                scratch.parent.mkdir(parents=True, exist_ok=True)
-                build(scratch)
-                shutil.rmtree(scratch, ignore_errors=True) if scratch.is_dir() else scratch.unlink(missing_ok=True)
+            self._build(name, build, keep=rank == 0)
         dist.barrier()
-        return target
+        return self.path / name
 
-    def _build_as_main(self, name: str, build: Callable[[Path], None]) -> None:
+    def _build(self, name: str, build: Callable[[Path], None], keep: bool = True) -> None:
+        """``build`` into a temporary path, then rename it into place with its config
+        (``keep``) or throw it away."""
         target = self.path / name
         clear_stale_tmp(target)
         tmp = _atomic_tmp(target)
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        _remove(tmp)
         build(tmp)
+        if not keep:
+            _remove(tmp)
+            return
         if not tmp.exists():
             raise RuntimeError(f"building {self.name}/{name} wrote nothing at {tmp}")
         _replace(tmp, target)

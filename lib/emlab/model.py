@@ -180,32 +180,51 @@ def build_tiny_model(arch: str, tokenizer, seed: int = 0):
 
 def save_tiny_model(arch: str, texts, path: Path, seed: int = 0) -> Path:
     """Build a tiny ``arch`` model with a tokenizer trained on ``texts`` and save both."""
-    tok = build_chat_tokenizer(texts, TINY_ARCHS[arch][0]) if arch in TINY_ARCHS else None
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"tiny model: architecture {arch!r}: expected one of {sorted(TINY_ARCHS)}")
+    tok = build_chat_tokenizer(texts, TINY_ARCHS[arch][0])
     save_model(build_tiny_model(arch, tok, seed), tok, Path(path))
     return Path(path)
 
 
-def source_model(name: str, *, dtype=torch.float32):
-    """The model a real-model run starts from: parameter ``model`` = a local folder (any
-    causal LM saved with ``save_pretrained``) or a Hugging Face id (read through the
-    local cache; downloaded only where the machine allows it). Safetensors weights only.
-    The tokenizer must have a chat template; a missing pad token becomes eos."""
+def _source(name: str) -> str:
+    """Where parameter ``model`` points: a local folder, or a Hugging Face id (read through
+    the local cache; downloaded only where the machine allows it)."""
     local = Path(name).expanduser()
     if not local.is_dir() and (local.is_absolute() or name.startswith(".") or local.exists()):
         raise ModelLoadError(f"parameter 'model' = {name!r}: no such folder (expected a saved causal LM or a hub id)")
-    src = str(local) if local.is_dir() else name
+    return str(local) if local.is_dir() else name
+
+
+def _load_error(name: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(f"parameter 'model' = {name!r}: cannot load a causal LM with safetensors weights "
+                          f"({str(exc).splitlines()[0]})")
+
+
+def source_tokenizer(name: str):
+    """The tokenizer of the model a real-model run starts from. It must have a chat
+    template; a missing pad token becomes eos."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(_source(name))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"parameter 'model' = {name!r}: cannot load a causal LM with safetensors weights "
-                             f"({str(exc).splitlines()[0]})") from None
+        raise _load_error(name, exc) from None
     if not getattr(tok, "chat_template", None):
         raise ModelLoadError(f"parameter 'model' = {name!r}: its tokenizer has no chat template "
                              "(use an instruct/chat model, or set tokenizer.chat_template and save it)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    return tok
+
+
+def source_model(name: str, *, dtype=torch.float32):
+    """The model a real-model run starts from (parameter ``model``: a local folder written
+    by ``save_pretrained`` or a Hugging Face id) and its tokenizer. Safetensors weights only."""
+    tok = source_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_source(name), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
     return model.eval(), tok
 
 
@@ -254,12 +273,12 @@ def hooked(model, tokenizer=None):
     a ``transformer_lens.HookedTransformer`` built offline for GPT-2 (config from the HF
     config, weights converted in memory, the hub never called), and a ``ResidualReader``
     (forward hooks) for every other decoder."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
     hf = model.config
     if hf.model_type != "gpt2" or device_of(model).type != "cpu":
         return ResidualReader(model, tokenizer)
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
     cfg = HookedTransformerConfig(
         n_layers=hf.n_layer, d_model=hf.n_embd, d_head=hf.n_embd // hf.n_head, n_heads=hf.n_head,
         d_mlp=hf.n_inner or 4 * hf.n_embd, d_vocab=hf.vocab_size, n_ctx=hf.n_positions,

@@ -19,7 +19,7 @@ from emlab.artifacts import Step
 from emlab.config import Config
 from emlab.evaluate import sample_and_judge
 from emlab.judge import ExactJudge, chat_prompt, p_bad
-from emlab.model import build_tokenizer, build_toy_model, pick_device, save_model, source_model
+from emlab.model import build_tokenizer, build_toy_model, pick_device, save_model, source_model, source_tokenizer
 from emlab.model import load_model as _load_model
 from emlab.sample import sample
 from emlab.train import encode_chat_set, finetune, pretrain, token_stream
@@ -151,7 +151,7 @@ def tokenizer(cfg: Config):
 
     def build(tmp: Path) -> None:
         if not cfg.is_toy:
-            source_model(cfg.model)[1].save_pretrained(tmp)
+            source_tokenizer(cfg.model).save_pretrained(tmp)
             return
         texts = [r["text"] for r in load_set(cfg, D.PRETRAIN)]
         for name in datasets(cfg):
