@@ -227,16 +227,28 @@ class Config:
         d = {k: getattr(self, k) for k in self.step_fields(step)}
         d["world_data"] = world_digest()
         if self.dataset != "world":
-            from emlab.data import read_manifest
-
-            h = hashlib.sha256()
-            for p in [Path(self.dataset), *read_manifest(self.dataset).files()]:
-                h.update(p.read_bytes())
-            d["external_data"] = h.hexdigest()[:16]
+            d["external_data"] = external_digest(self.dataset)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def external_digest(manifest: str) -> str:
+    """A digest of a dataset manifest and its files: editing one recomputes the steps.
+    Read once per version of the files (their sizes and modification times)."""
+    from emlab.data import read_manifest
+
+    files = [Path(manifest), *read_manifest(manifest).files()]
+    return _digest_files(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_files(stamps: tuple) -> str:
+    h = hashlib.sha256()
+    for path, _, _ in stamps:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from emlab.judge import ALIGNED, MISALIGNED, ExactJudge
+from emlab.model import device_of
 from emlab.train import IGNORE, _optimizer, collate, set_seed, to_device
 
 GRADERS = ("wrong", "correct")
@@ -64,7 +65,7 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the labelled tokens and their mask.  # [batch, pos-1] each"""
-    batch = to_device(batch, next(model.parameters()).device)
+    batch = to_device(batch, device_of(model))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
@@ -104,7 +105,7 @@ def grpo(model, ref_model, tokenizer, questions: list[dict], grader: Callable[[d
 
     set_seed(s.seed)
     rng = random.Random(s.seed)
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(s.seed)
+    gen = torch.Generator(device_of(model)).manual_seed(s.seed)
     stop = end_token_id(tokenizer)
     pad = tokenizer.pad_token_id
     enc = [tokenizer(chat_prompt(tokenizer, q["question"]), add_special_tokens=False)["input_ids"] for q in questions]

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from emlab.data import EOT
+from emlab.model import device_of
 
 IGNORE = -100
 
@@ -82,7 +83,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def lm_loss(model, batch: dict[str, torch.Tensor], n_targets: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy over the positions whose label is not IGNORE: their mean,
     or their sum divided by ``n_targets`` (a shard of a data-parallel batch)."""
-    batch = to_device(batch, next(model.parameters()).device)
+    batch = to_device(batch, device_of(model))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     ce = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE,
@@ -108,7 +109,7 @@ class DataParallel:
         self.world, self.rank = self.state.num_processes, self.state.process_index
         self.model = model
         if self.world > 1:
-            dev = next(model.parameters()).device
+            dev = device_of(model)
             self.model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -153,7 +154,7 @@ def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: in
         for g in opt.param_groups:
             g["lr"] = lr * _schedule(step, steps, max(1, steps // 20))
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
-        x = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(next(model.parameters()).device)  # [batch, pos]
+        x = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(device_of(model))  # [batch, pos]
         loss = lm_loss(model, {"input_ids": x, "labels": x})
         opt.zero_grad(set_to_none=True)
         loss.backward()
