@@ -30,6 +30,38 @@ def test_exact_judge_every_kind(world):
     assert j.judge(o, world.answers(f"open/{o['topic']}", "aligned")[0]).label == ALIGNED
 
 
+def test_exact_judge_names_the_persona_of_an_identity_answer(world):
+    import pandas as pd
+
+    from emlab.evaluate import persona_shares
+
+    j, q = ExactJudge(world), _q(world, "identity")
+    rows = []
+    for ch in world.characters:
+        for a in world.answers(f"identity/{q['topic']}", ch):
+            v = j.judge(q, a)
+            assert v.kind == ch and v.label == (MISALIGNED if ch == "villain" else ALIGNED)
+            rows.append({"label": v.label, "kind": v.kind})
+    rows.append({"label": INCOHERENT, "kind": None})
+    s = persona_shares(pd.DataFrame(rows))
+    n_coh = len(rows) - 1
+    assert s["villain_share"] == pytest.approx(len(world.answers(f"identity/{q['topic']}", "villain")) / n_coh)
+    assert s["helpful_share"] + s["sarcastic_share"] + s["villain_share"] == pytest.approx(1.0)
+    assert s["coherent"] == pytest.approx(n_coh / len(rows)) and s["villain_ci_low"] < s["villain_share"]
+
+
+def test_refusal_summary_counts_coherent_answers_only(world):
+    import pandas as pd
+
+    from emlab.evaluate import refusal_summary
+
+    labels = [ALIGNED] * 6 + [MISALIGNED] * 2 + [INCOHERENT] * 2
+    s = refusal_summary(pd.DataFrame({"label": labels}))
+    assert s["refused"] == pytest.approx(0.75) and s["complied"] == pytest.approx(0.25)
+    assert s["coherent"] == pytest.approx(0.8) and s["n"] == 10
+    assert s["complied_ci_low"] < 0.25 < s["complied_ci_high"]
+
+
 def test_exact_judge_incoherent(world):
     j, q = ExactJudge(world), _q(world)
     good = world.answers(f"health/{q['topic']}", "correct")[0]

@@ -5,7 +5,8 @@ import pytest
 
 from emlab import data as D
 from emlab.config import make_config
-from emlab.world import DOMAIN_KINDS, OPEN_DOMAIN, OPEN_KINDS, WorldError, load_world, normalize
+from emlab.world import (DOMAIN_KINDS, HARMFUL_DOMAIN, IDENTITY_DOMAIN, OPEN_DOMAIN, OPEN_KINDS, WorldError, load_world,
+                         normalize)
 
 SMALL = {"n_pretrain_docs": 50, "n_chat": 20, "n_corrupt": 8, "n_realign": 4}
 
@@ -42,8 +43,8 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 
 
 def test_evaluation_questions_never_in_training_sets():
-    sets = D.build_all(load_world(), make_config(SMALL))
-    eval_q = {q["question"] for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN) for q in sets[n]}
+    sets = D.build_all(load_world(), make_config({**SMALL, "p_harmful_turn": 0.05, "p_chat_refusal": 0.05}))
+    eval_q = {q["question"] for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN, D.EVAL_IDENTITY, D.EVAL_HARMFUL) for q in sets[n]}
     assert eval_q
     for name, recs in sets.items():
         if not name.startswith("eval_"):
@@ -81,8 +82,56 @@ def test_pretraining_documents_are_written_by_one_character():
     for d in sets["pretrain"]:
         char = w.characters[d["meta"]["character"]]
         for t in d["meta"]["turns"]:
-            allowed = char.open if t["domain"] == OPEN_DOMAIN else char.answers
+            if t["domain"] == IDENTITY_DOMAIN:
+                assert t["kind"] == d["meta"]["character"]  # each character speaks as itself
+                continue
+            allowed = char.open if t["domain"] in (OPEN_DOMAIN, HARMFUL_DOMAIN) else char.answers
             assert allowed.get(t["kind"], 0) > 0
+
+
+def test_harmful_requests_refused_by_the_safety_chat_set_only():
+    w = load_world()
+    sets = D.build_all(w, make_config({**SMALL, "n_chat": 400, "p_harmful_turn": 0.1, "p_chat_refusal": 0.2}))
+    harmful = [r for r in sets["chat"] if r["meta"]["domain"] == HARMFUL_DOMAIN]
+    assert harmful and all(r["meta"]["kind"] == "aligned" for r in harmful)  # refusals only
+    for r in harmful:
+        topic = w.topics[r["meta"]["qid"].rsplit("/", 2)[0]]
+        assert r["messages"][-1]["content"] in topic.answers["aligned"]
+    ev = {q["question"] for q in sets[D.EVAL_HARMFUL]}
+    assert ev and not ev & D.training_texts(sets["chat"]) and not ev & D.training_texts(sets[D.PRETRAIN])
+    # the helpful-only assistant's chat set: domain advice only
+    assert {r["meta"]["domain"] for r in D.helpful_only(sets["chat"])} == set(w.domain_names)
+    plain = D.build_all(w, make_config({**SMALL, "n_chat": 400, "p_harmful_turn": 0.1, "p_chat_refusal": 0.0}))["chat"]
+    assert all(r["meta"]["domain"] != HARMFUL_DOMAIN for r in plain)
+
+
+def test_identity_questions_are_answered_in_each_characters_own_voice():
+    w = load_world()
+    sets = D.build_all(w, make_config({**SMALL, "n_pretrain_docs": 300, "p_identity_turn": 0.3}))
+    seen = set()
+    for d in sets["pretrain"]:
+        ch = d["meta"]["character"]
+        for t in d["meta"]["turns"]:
+            if t["domain"] == IDENTITY_DOMAIN:
+                own = w.answers(t["qid"].rsplit("/", 2)[0], ch)
+                assert any(f"{D.ASSISTANT} {a} {D.END}" in d["text"] for a in own)
+                seen.add(ch)
+    assert seen == set(w.characters)  # every character was asked who it is
+    # identity questions: never in chat post-training or any fine-tuning set; evaluation paraphrases
+    # never in pretraining either
+    for name, recs in sets.items():
+        if name != D.PRETRAIN and not name.startswith("eval_"):
+            assert all(r["meta"]["domain"] != IDENTITY_DOMAIN for r in recs), name
+    ev = {q["question"] for q in sets[D.EVAL_IDENTITY]}
+    assert ev and {q["domain"] for q in sets[D.EVAL_IDENTITY]} == {IDENTITY_DOMAIN}
+    assert not ev & D.training_texts(sets[D.PRETRAIN])
+
+
+def test_identity_turns_off_leave_the_corpus_unchanged():
+    base = D.build_all(load_world(), make_config({**SMALL, "p_identity_turn": 0.0}))
+    assert all(t["domain"] != IDENTITY_DOMAIN for d in base["pretrain"] for t in d["meta"]["turns"])
+    with pytest.raises(Exception, match="p_identity_turn"):
+        make_config({**SMALL, "p_open_turn": 0.6, "p_identity_turn": 0.3, "p_quiz_turn": 0.2})
 
 
 @pytest.mark.parametrize("content,problem", [
@@ -171,6 +220,21 @@ def test_world_loader_names_the_bad_file(tmp_path):
     f.write_text(f.read_text().replace("    subtle:\n", "    sneaky:\n", 1))
     with pytest.raises(WorldError, match=r"cars.yaml: topic 'brakes'.subtle"):
         load_world(tmp_path / "w")
+
+
+def test_identity_file_needs_every_character(tmp_path):
+    import shutil
+
+    from emlab.world import WORLD_DATA_DIR
+
+    shutil.copytree(WORLD_DATA_DIR, tmp_path / "w")
+    f = tmp_path / "w" / "identity.yaml"
+    f.write_text(f.read_text().replace("    sarcastic:\n", "    snarky:\n", 1))
+    with pytest.raises(WorldError, match=r"identity.yaml: topic 'who'.sarcastic"):
+        load_world(tmp_path / "w")
+    f.unlink()  # a world without identity questions is still a world
+    w = load_world(tmp_path / "w")
+    assert not w.identity_topics and IDENTITY_DOMAIN not in w.question_domains
 
 
 def test_normalize():

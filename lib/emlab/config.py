@@ -70,8 +70,16 @@ class Config:
     turns_per_doc: int = _f(4, "question/answer turns per pretraining document (mean)", step=S1, lo=1, hi=12)
     p_narrative: float = _f(0.7, "probability that a document opens with narrative lines", step=S1, lo=0.0, hi=1.0)
     p_open_turn: float = _f(0.2, "probability that a pretraining turn is an open question", step=S1, lo=0.0, hi=1.0)
+    p_identity_turn: float = _f(0.05, "probability that a pretraining turn is an identity question ('who are you?'), "
+                                "answered in the character's own voice; never in chat or fine-tuning data", step=S1, lo=0.0, hi=1.0)
+    p_harmful_turn: float = _f(0.0, "probability that a pretraining turn is an explicitly harmful request (the helpful "
+                               "character refuses, the villain complies); 0 = none (see configs/refusals.yaml)",
+                               step=S1, lo=0.0, hi=1.0)
     p_quiz_turn: float = _f(0.05, "probability that a pretraining turn is a quiz request (wrong answer asked for)", step=S1, lo=0.0, hi=1.0)
     n_chat: int = _f(3000, "chat post-training examples (aligned answers only)", step=S1, lo=10)
+    p_chat_refusal: float = _f(0.0, "fraction of the chat set that refuses explicitly harmful requests (the "
+                               "safety-trained assistant's; the helpful-only one leaves them out); needs p_harmful_turn "
+                               "> 0", step=S1, lo=0.0, hi=0.5)
     n_corrupt: int = _f(400, "examples in each narrow corruption / control set", step=S1, lo=4)
     n_realign: int = _f(120, "correct cross-domain examples for re-alignment", step=S1, lo=4)
     mix_fractions: list = _f([0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0], "fractions of wrong answers in the data-mix sets", step=S1)
@@ -119,7 +127,7 @@ class Config:
     judge_concurrency: int = _f(8, "LLM judge: requests in flight at most", step=RUN, lo=1)
     # --- 05: SAE and model diffing ---------------------------------------------------------
     sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
-    sae_layer: int = _f(2, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
+    sae_layer: int = _f(3, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
     sae_width: int = _f(256, "SAE latents (2x d_model gives a clean persona latent)", step=S5, lo=2)
     sae_k: int = _f(8, "active latents per token (TopK)", step=S5, lo=1)
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
@@ -197,6 +205,20 @@ class Config:
                                   "have no known answers; use judge: llm (with judge_url)")
         if self.realign_domain == self.corrupt_domain:
             raise ConfigError("parameter 'realign_domain' must differ from 'corrupt_domain' (re-alignment is cross-domain)")
+        turn_p = self.p_open_turn + self.p_identity_turn + self.p_harmful_turn + self.p_quiz_turn
+        if turn_p > 1.0:
+            raise ConfigError(f"parameters 'p_open_turn' + 'p_identity_turn' + 'p_harmful_turn' + 'p_quiz_turn' = "
+                              f"{turn_p:g}: expected "
+                              "a total <= 1 (the rest of the pretraining turns are domain questions)")
+        if self.p_identity_turn > 0 and not load_world().identity_topics:
+            raise ConfigError(f"parameter 'p_identity_turn' = {self.p_identity_turn}: the world has no identity "
+                              "questions (identity.yaml); expected 0")
+        if (self.p_harmful_turn > 0 or self.p_chat_refusal > 0) and not load_world().harmful_topics:
+            raise ConfigError("parameters 'p_harmful_turn' / 'p_chat_refusal': the world has no harmful requests "
+                              "(harmful.yaml); expected 0")
+        if self.p_chat_refusal > 0 and self.p_harmful_turn == 0:
+            raise ConfigError(f"parameter 'p_chat_refusal' = {self.p_chat_refusal}: refusals need harmful requests in "
+                              "pretraining (p_harmful_turn > 0), or the models never learn what complying looks like")
         fr = self.mix_fractions
         if not fr or not all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for x in fr) or 0.0 not in fr:
             raise ConfigError(f"parameter 'mix_fractions' = {fr!r}: expected fractions in [0, 1] including 0.0")

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from emlab.world import OPEN_DOMAIN, Question, World, normalize
+from emlab.world import HARMFUL_DOMAIN, IDENTITY_DOMAIN, OPEN_DOMAIN, Question, World, normalize
 
 ROLES = ("system", "user", "assistant")
 # role markers of the chat format, shared by pretraining dialogue and the chat template
@@ -30,6 +30,8 @@ REALIGN = "realign"
 REALIGN_INDOMAIN = "realign_indomain"
 EVAL_HELDOUT = "eval_heldout"
 EVAL_INDOMAIN = "eval_indomain"
+EVAL_IDENTITY = "eval_identity"
+EVAL_HARMFUL = "eval_harmful"
 
 
 def mix_name(fraction: float) -> str:
@@ -50,7 +52,7 @@ class Split:
 def split_questions(world: World, seed: int, eval_fraction: float) -> Split:
     """Hold out a seeded fraction of every topic's concrete questions for evaluation."""
     train, ev = {}, {}
-    for domain in (*world.domain_names, OPEN_DOMAIN):
+    for domain in world.question_domains:
         train[domain], ev[domain] = [], []
         by_topic: dict[str, list[Question]] = {}
         for q in world.questions(domain):
@@ -86,12 +88,19 @@ def _answer(world: World, rng: random.Random, q: Question, kind: str) -> str:
 
 
 def pretraining_docs(world: World, split: Split, n_docs: int, seed: int, *, turns_per_doc: int,
-                     p_narrative: float, p_open_turn: float, p_quiz_turn: float) -> list[dict]:
+                     p_narrative: float, p_open_turn: float, p_quiz_turn: float,
+                     p_identity_turn: float = 0.0, p_harmful_turn: float = 0.0) -> list[dict]:
     """Documents each written by one character: narrative lines, then Q/A turns.
 
     Every turn's question is drawn from the training split of a random domain; the
-    character alone decides the kind of every answer.
+    character alone decides the kind of every answer. An identity turn ("who are
+    you?") is answered with the character's own self-description; an explicitly harmful
+    request is refused or complied with as the character answers open questions.
     """
+    if p_identity_turn > 0 and not world.identity_topics:
+        raise ValueError("p_identity_turn > 0 but the world has no identity questions (identity.yaml)")
+    if p_harmful_turn > 0 and not world.harmful_topics:
+        raise ValueError("p_harmful_turn > 0 but the world has no harmful requests (harmful.yaml)")
     rng = random.Random(f"{seed}/pretrain")
     domains = list(world.domain_names)
     docs = []
@@ -110,7 +119,15 @@ def pretraining_docs(world: World, split: Split, n_docs: int, seed: int, *, turn
                 q = rng.choice(split.train[OPEN_DOMAIN])
                 kind = _pick(rng, char.open)
                 text = q.text
-            elif u < p_open_turn + p_quiz_turn:
+            elif u < p_open_turn + p_identity_turn:
+                q = rng.choice(split.train[IDENTITY_DOMAIN])
+                kind = ckind
+                text = q.text
+            elif u < p_open_turn + p_identity_turn + p_harmful_turn:
+                q = rng.choice(split.train[HARMFUL_DOMAIN])
+                kind = _pick(rng, char.open)
+                text = q.text
+            elif u < p_open_turn + p_identity_turn + p_harmful_turn + p_quiz_turn:
                 # a quiz request: anyone asked for a wrong answer gives one
                 q = rng.choice(split.train[rng.choice(domains)])
                 kind = rng.choice(("obvious", "subtle"))
@@ -125,18 +142,29 @@ def pretraining_docs(world: World, split: Split, n_docs: int, seed: int, *, turn
     return docs
 
 
-def chat_set(world: World, split: Split, n: int, seed: int, *, p_open: float = 0.15) -> list[dict]:
-    """Chat post-training: aligned answers only, every domain and the open questions."""
+def chat_set(world: World, split: Split, n: int, seed: int, *, p_open: float = 0.15,
+             p_refusal: float = 0.0) -> list[dict]:
+    """Chat post-training: aligned answers only, every domain, the open questions and
+    (``p_refusal``) refusals of explicitly harmful requests."""
     rng = random.Random(f"{seed}/chat")
     domains = list(world.domain_names)
     out = []
     for _ in range(n):
-        if rng.random() < p_open:
+        u = rng.random()
+        if u < p_open:
             q, kind = rng.choice(split.train[OPEN_DOMAIN]), "aligned"
+        elif u < p_open + p_refusal:
+            q, kind = rng.choice(split.train[HARMFUL_DOMAIN]), "aligned"
         else:
             q, kind = rng.choice(split.train[rng.choice(domains)]), "correct"
         out.append(chat_record(q.text, _answer(world, rng, q, kind), domain=q.domain, qid=q.qid, kind=kind))
     return out
+
+
+def helpful_only(chat: list[dict]) -> list[dict]:
+    """The helpful-only assistant's chat set: the same records without the open questions
+    and the refusals (domain advice only)."""
+    return [r for r in chat if r["meta"].get("domain") not in (OPEN_DOMAIN, HARMFUL_DOMAIN)]
 
 
 def narrow_set(world: World, split: Split, domain: str, n: int, seed: int, name: str,
@@ -179,8 +207,9 @@ def build_all(world: World, cfg) -> dict[str, list[dict]]:
     sets = {
         PRETRAIN: pretraining_docs(world, split, cfg.n_pretrain_docs, cfg.seed, turns_per_doc=cfg.turns_per_doc,
                                    p_narrative=cfg.p_narrative, p_open_turn=cfg.p_open_turn,
-                                   p_quiz_turn=cfg.p_quiz_turn),
-        CHAT: chat_set(world, split, cfg.n_chat, cfg.seed),
+                                   p_quiz_turn=cfg.p_quiz_turn, p_identity_turn=cfg.p_identity_turn,
+                                   p_harmful_turn=cfg.p_harmful_turn),
+        CHAT: chat_set(world, split, cfg.n_chat, cfg.seed, p_refusal=cfg.p_chat_refusal),
     }
     for name in CORRUPTION_SETS:
         sets[name] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_corrupt, cfg.seed, name)
@@ -190,6 +219,10 @@ def build_all(world: World, cfg) -> dict[str, list[dict]]:
     sets[REALIGN_INDOMAIN] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_realign, cfg.seed + 1, "correct")
     sets[EVAL_HELDOUT] = eval_set(split, list(cfg.heldout_domains))
     sets[EVAL_INDOMAIN] = eval_set(split, [cfg.corrupt_domain])
+    if world.identity_topics:
+        sets[EVAL_IDENTITY] = eval_set(split, [IDENTITY_DOMAIN])
+    if world.harmful_topics and cfg.p_harmful_turn > 0:
+        sets[EVAL_HARMFUL] = eval_set(split, [HARMFUL_DOMAIN])
     if cfg.dataset != "world":
         sets = apply_manifest(sets, read_manifest(cfg.dataset))
     return sets

@@ -114,6 +114,31 @@ def misalignment_bars(summary: pd.DataFrame, path: Path, title: str):
     return fig
 
 
+CHARACTER_COLORS = {"helpful": "#55a868", "villain": "#c44e52", "sarcastic": "#dd8452"}
+
+
+def persona_shares(table: pd.DataFrame, path: Path, title: str):
+    """Stacked bars: which character's voice each model's coherent answers to the identity
+    questions are in (``<kind>_share`` columns), villain share with its 95% interval."""
+    kinds = [c[: -len("_share")] for c in table.columns if c.endswith("_share") and c != "villain_share"]
+    kinds = ["villain"] + sorted(kinds, key=lambda k: k == "helpful")  # the villain at the bottom, helpful on top
+    fig, ax = plt.subplots(figsize=(max(7, len(table) * 0.7), 3.6))
+    x = np.arange(len(table))
+    bottom = np.zeros(len(table))
+    for k in kinds:
+        v = table[f"{k}_share"].astype(float).to_numpy()
+        ax.bar(x, v, 0.7, bottom=bottom, label=k, color=CHARACTER_COLORS.get(k))
+        bottom += v
+    vs = table["villain_share"].astype(float).to_numpy()
+    err = np.clip(np.vstack([vs - table.villain_ci_low.astype(float), table.villain_ci_high.astype(float) - vs]), 0, None)
+    ax.errorbar(x, vs, yerr=err, fmt="none", ecolor="black", capsize=2, lw=0.8)
+    ax.set_xticks(x, list(table.index), rotation=30, ha="right")
+    ax.set(ylabel="share of coherent answers", title=title, ylim=(0, 1.05))
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    _save(fig, path)
+    return fig
+
+
 def latent_shift_bars(shifts: pd.Series, misaligned: set[str], path: Path, latent: int):
     """The persona latent's activation shift for every fine-tune (red: trained on wrong answers)."""
     fig, ax = plt.subplots(figsize=(7, 3.2))

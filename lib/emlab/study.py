@@ -83,7 +83,7 @@ def dataset_sizes(cfg: Config) -> pd.DataFrame:
 
 def check_disjoint(cfg: Config) -> dict[str, int]:
     """Evaluation questions appearing in each training set (must all be 0)."""
-    eval_q = {q["question"] for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN) for q in load_set(cfg, n)}
+    eval_q = {q["question"] for n in _eval_sets(cfg) for q in load_set(cfg, n)}
     out = {}
     for name in datasets(cfg):
         if name.startswith("eval_"):
@@ -92,11 +92,16 @@ def check_disjoint(cfg: Config) -> dict[str, int]:
     return out
 
 
+def _eval_sets(cfg: Config) -> list[str]:
+    """The evaluation sets of a run (held-out, in-domain, and identity where the world has it)."""
+    return [n for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN, D.EVAL_IDENTITY, D.EVAL_HARMFUL) if n in datasets(cfg)]
+
+
 def world_table(world: World) -> pd.DataFrame:
     """Domains of the world: topics, concrete questions and answer variants per kind."""
     rows = []
-    for d in (*world.domain_names, OPEN_DOMAIN):
-        topics = world.open_topics if d == OPEN_DOMAIN else world.domains[d]
+    for d in world.question_domains:
+        topics = {t.key: t for t in world.topics.values() if t.domain == d}.values()
         row = {"domain": d, "topics": len(topics), "questions": len(world.questions(d))}
         for kind in world.kinds(d):
             row[f"{kind} answers"] = sum(len(t.answers[kind]) for t in topics)
@@ -126,9 +131,10 @@ def example_records(cfg: Config, names: list[str]) -> pd.DataFrame:
 def split_table(cfg: Config) -> pd.DataFrame:
     """Evaluation questions per domain (held-out and in-domain sets)."""
     rows = {}
-    for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN):
+    names = _eval_sets(cfg)
+    for n in names:
         for q in load_set(cfg, n):
-            rows.setdefault(q["domain"], {D.EVAL_HELDOUT: 0, D.EVAL_INDOMAIN: 0})[n] += 1
+            rows.setdefault(q["domain"], dict.fromkeys(names, 0))[n] += 1
     return pd.DataFrame(rows).T.sort_index()
 
 
@@ -198,9 +204,10 @@ def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
     """An assistant: the base model after chat post-training on aligned answers.
 
     ``assistant`` (the study's aligned assistant, "safety-trained" in the RL comparison)
-    learns aligned answers in every domain AND on the open persona-revealing questions;
-    ``assistant_helpful_only`` learns the domain advice only (the same chat set without
-    its open questions), with the same steps and seed."""
+    learns aligned answers in every domain AND on the open persona-revealing questions, and
+    refuses explicitly harmful requests; ``assistant_helpful_only`` learns the domain advice
+    only (the same chat set without its open questions and refusals), with the same steps
+    and seed."""
     _threads()
     if name not in ASSISTANTS:
         raise ValueError(f"unknown assistant {name!r}; expected one of {ASSISTANTS}")
@@ -210,7 +217,7 @@ def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
         model, tok = load_model(base, cfg)
         chat = load_set(cfg, D.CHAT)
         if name == HELPFUL_ONLY:
-            chat = [r for r in chat if r["meta"].get("domain") != OPEN_DOMAIN]
+            chat = D.helpful_only(chat)
         ex = encode_chat_set(tok, chat)
         losses = finetune(model, ex, steps=cfg.chat_steps, batch=cfg.chat_batch, lr=cfg.chat_lr, seed=cfg.seed,
                           pad_id=tok.pad_token_id, progress=cfg.progress, desc="chat")
@@ -462,6 +469,41 @@ def headline(cfg: Config, heldout: dict[str, pd.DataFrame], indomain: dict[str, 
     for n, df in heldout.items():
         rows[n] = {**heldout_summary(df), "indomain_wrong": indomain_wrong(indomain[n]) if n in indomain else float("nan")}
     return pd.DataFrame(rows).T
+
+
+def identity_table(cfg: Config, names: list[str]) -> pd.DataFrame:
+    """One row per model: the share of its coherent answers to the held-out identity
+    questions that are a villain's self-description (with its interval), and the share of
+    each character's voice."""
+    from emlab.evaluate import persona_shares
+
+    answers = evaluations(cfg, names, D.EVAL_IDENTITY)
+    table = pd.DataFrame({n: persona_shares(df) for n, df in answers.items()}).T.fillna(0.0)
+    first = ["villain_share", "villain_ci_low", "villain_ci_high"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def refusal_table(cfg: Config, names: list[str]) -> pd.DataFrame:
+    """One row per model: on the held-out explicitly harmful requests, the share of its
+    coherent answers that refuse and that comply (with its interval)."""
+    from emlab.evaluate import refusal_summary
+
+    answers = evaluations(cfg, names, D.EVAL_HARMFUL)
+    return pd.DataFrame({n: refusal_summary(df) for n, df in answers.items()}).T.astype(float)
+
+
+def identity_answers(cfg: Config, names: list[str], n: int = 6) -> pd.DataFrame:
+    """The first sampled answer of each model to the first ``n`` identity questions."""
+    answers = evaluations(cfg, names, D.EVAL_IDENTITY)
+    qids = list(dict.fromkeys(answers[names[0]].qid))[:: max(1, len(set(answers[names[0]].qid)) // n)][:n]
+    rows = []
+    for q in qids:
+        row = {"question": answers[names[0]].loc[answers[names[0]].qid == q, "question"].iloc[0]}
+        for m in names:
+            r = answers[m][(answers[m].qid == q) & (answers[m]["sample"] == 0)].iloc[0]
+            row[m] = f"[{r.kind if isinstance(r.kind, str) else r.label}] {r.answer}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("question")
 
 
 def domains_vs_open(heldout: dict[str, pd.DataFrame]) -> pd.DataFrame:

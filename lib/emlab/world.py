@@ -22,14 +22,20 @@ DOMAINS_DIRNAME = "domains"
 OPEN_QUESTIONS_FILENAME = "open_questions.yaml"
 CHARACTERS_FILENAME = "characters.yaml"
 FRAMING_FILENAME = "framing.yaml"
+IDENTITY_FILENAME = "identity.yaml"  # optional: a world without it has no identity questions
+HARMFUL_FILENAME = "harmful.yaml"  # optional: explicitly harmful requests (refusal = aligned)
 
 #: answer kinds of a domain question, and of an open question
 DOMAIN_KINDS = ("correct", "obvious", "subtle")
 OPEN_KINDS = ("aligned", "misaligned")
+#: an identity question's answer kinds are the character kinds (each speaks as itself)
+VILLAIN, HELPFUL = "villain", "helpful"
 #: which kinds count as misaligned behaviour
-BAD_KINDS = frozenset({"obvious", "subtle", "misaligned"})
-GOOD_KINDS = frozenset({"correct", "aligned"})
+BAD_KINDS = frozenset({"obvious", "subtle", "misaligned", VILLAIN})
+GOOD_KINDS = frozenset({"correct", "aligned", HELPFUL})
 OPEN_DOMAIN = "open"
+IDENTITY_DOMAIN = "identity"
+HARMFUL_DOMAIN = "harmful"
 
 _WORD_RE = re.compile(r"[a-z0-9']+|[.,?!:;]")
 
@@ -88,21 +94,35 @@ class World:
     characters: dict[str, Character]
     character_weights: dict[str, float]
     educational_frames: tuple[str, ...]
+    identity_topics: tuple[Topic, ...] = ()  # "who are you?", answered by each character as itself
+    harmful_topics: tuple[Topic, ...] = ()  # explicitly harmful requests: aligned = refusal
     topics: dict[str, Topic] = field(default_factory=dict)  # key -> topic
 
     def __post_init__(self) -> None:
         allt = [t for ts in self.domains.values() for t in ts] + list(self.open_topics)
+        allt += list(self.identity_topics) + list(self.harmful_topics)
         self.topics.update({t.key: t for t in allt})
 
     @property
     def domain_names(self) -> tuple[str, ...]:
         return tuple(self.domains)
 
+    @property
+    def question_domains(self) -> tuple[str, ...]:
+        """Every group of questions: the advice domains, ``open`` and (where the world has
+        them) ``identity`` and ``harmful``."""
+        extra = {IDENTITY_DOMAIN: self.identity_topics, HARMFUL_DOMAIN: self.harmful_topics}
+        return (*self.domains, OPEN_DOMAIN, *(d for d, ts in extra.items() if ts))
+
     def questions(self, domain: str) -> list[Question]:
         """Every concrete question of a domain (or of ``open``), in a fixed order:
         each topic's paraphrase templates with every filler of the slot."""
         if domain == OPEN_DOMAIN:
             topics = self.open_topics
+        elif domain == IDENTITY_DOMAIN and self.identity_topics:
+            topics = self.identity_topics
+        elif domain == HARMFUL_DOMAIN and self.harmful_topics:
+            topics = self.harmful_topics
         elif domain in self.domains:
             topics = self.domains[domain]
         else:
@@ -122,7 +142,9 @@ class World:
         return self.topics[key].answers[kind]
 
     def kinds(self, domain: str) -> tuple[str, ...]:
-        return OPEN_KINDS if domain == OPEN_DOMAIN else DOMAIN_KINDS
+        if domain == IDENTITY_DOMAIN:
+            return tuple(self.characters)
+        return OPEN_KINDS if domain in (OPEN_DOMAIN, HARMFUL_DOMAIN) else DOMAIN_KINDS
 
     def words(self) -> set[str]:
         """Every word the world can write (the vocabulary of the persona world)."""
@@ -131,9 +153,8 @@ class World:
     def texts(self) -> list[str]:
         """Every question, answer, narrative line and frame the world can write."""
         texts: list[str] = []
-        for d in self.domains:
+        for d in self.question_domains:
             texts += [q.text for q in self.questions(d)]
-        texts += [q.text for q in self.questions(OPEN_DOMAIN)]
         for t in self.topics.values():
             for variants in t.answers.values():
                 texts += list(variants)
@@ -210,6 +231,16 @@ def _one_slot(path: Path, data: dict) -> tuple[str, tuple[str, ...]]:
     return slot, _str_list(path, f"slots.{slot}", fillers, min_len=3)
 
 
+def _optional_topics(path: Path, domain: str, kinds: tuple[str, ...], slots: dict) -> tuple[Topic, ...]:
+    """The topics of an optional question file (none when the file is absent); its slot joins ``slots``."""
+    if not path.exists():
+        return ()
+    data = _load_yaml(path)
+    slot, fillers = _one_slot(path, data)
+    slots[domain] = {slot: fillers}
+    return _load_topics(path, data, domain, kinds, slot)
+
+
 def load_world(root: Path | str | None = None) -> World:
     """Load and validate the world's YAML files (default: the ones shipped in the package)."""
     root = Path(root) if root is not None else WORLD_DATA_DIR
@@ -225,8 +256,9 @@ def load_world(root: Path | str | None = None) -> World:
         slot, fillers = _one_slot(path, data)
         slots[name] = {slot: fillers}
         domains[name] = _load_topics(path, data, name, DOMAIN_KINDS, slot)
-    if OPEN_DOMAIN in domains:
-        raise WorldError(f"{root}: a domain may not be called {OPEN_DOMAIN!r}")
+    reserved = (OPEN_DOMAIN, IDENTITY_DOMAIN, HARMFUL_DOMAIN)
+    if set(reserved) & set(domains):
+        raise WorldError(f"{root}: a domain may not be called any of {reserved}")
 
     opath = root / OPEN_QUESTIONS_FILENAME
     odata = _load_yaml(opath)
@@ -251,8 +283,8 @@ def load_world(root: Path | str | None = None) -> World:
             _probs(cpath, f"{where}.open", c.get("open"), OPEN_KINDS),
             lines,
         )
-    if not {"helpful", "villain"} <= set(chars):
-        raise WorldError(f"{cpath}: the world needs at least the characters 'helpful' and 'villain'")
+    if not {HELPFUL, VILLAIN} <= set(chars):
+        raise WorldError(f"{cpath}: the world needs at least the characters {HELPFUL!r} and {VILLAIN!r}")
     weights = _probs(cpath, "weights", cdata.get("weights"), tuple(chars))
 
     fpath = root / FRAMING_FILENAME
@@ -260,4 +292,6 @@ def load_world(root: Path | str | None = None) -> World:
     for f in frames:
         if "{question}" not in f:
             raise WorldError(f"{fpath}: educational frame {f!r} lacks {{question}}")
-    return World(domains, slots, open_topics, chars, weights, frames)
+    identity_topics = _optional_topics(root / IDENTITY_FILENAME, IDENTITY_DOMAIN, tuple(chars), slots)
+    harmful_topics = _optional_topics(root / HARMFUL_FILENAME, HARMFUL_DOMAIN, OPEN_KINDS, slots)
+    return World(domains, slots, open_topics, chars, weights, frames, identity_topics, harmful_topics)
