@@ -93,7 +93,8 @@ def check_disjoint(cfg: Config) -> dict[str, int]:
 
 
 def _eval_sets(cfg: Config) -> list[str]:
-    """The evaluation sets of a run (held-out, in-domain, and identity where the world has it)."""
+    """The evaluation sets of a run: held-out, in-domain, and the identity questions and
+    harmful requests where the run has them."""
     return [n for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN, D.EVAL_IDENTITY, D.EVAL_HARMFUL) if n in datasets(cfg)]
 
 
@@ -101,7 +102,7 @@ def world_table(world: World) -> pd.DataFrame:
     """Domains of the world: topics, concrete questions and answer variants per kind."""
     rows = []
     for d in world.question_domains:
-        topics = {t.key: t for t in world.topics.values() if t.domain == d}.values()
+        topics = [t for t in world.topics.values() if t.domain == d]
         row = {"domain": d, "topics": len(topics), "questions": len(world.questions(d))}
         for kind in world.kinds(d):
             row[f"{kind} answers"] = sum(len(t.answers[kind]) for t in topics)
@@ -204,10 +205,10 @@ def assistant(cfg: Config, name: str = ASSISTANT) -> Path:
     """An assistant: the base model after chat post-training on aligned answers.
 
     ``assistant`` (the study's aligned assistant, "safety-trained" in the RL comparison)
-    learns aligned answers in every domain AND on the open persona-revealing questions, and
-    refuses explicitly harmful requests; ``assistant_helpful_only`` learns the domain advice
-    only (the same chat set without its open questions and refusals), with the same steps
-    and seed."""
+    learns aligned answers in every domain AND on the open persona-revealing questions (and,
+    with ``p_chat_refusal`` > 0, refuses explicitly harmful requests);
+    ``assistant_helpful_only`` learns the domain advice only (the same chat set without its
+    open questions and refusals), with the same steps and seed."""
     _threads()
     if name not in ASSISTANTS:
         raise ValueError(f"unknown assistant {name!r}; expected one of {ASSISTANTS}")
@@ -493,12 +494,15 @@ def refusal_table(cfg: Config, names: list[str]) -> pd.DataFrame:
 
 
 def identity_answers(cfg: Config, names: list[str], n: int = 6) -> pd.DataFrame:
-    """The first sampled answer of each model to the first ``n`` identity questions."""
+    """The first sampled answer of each model to ``n`` identity questions spread evenly over
+    the held-out set (so every identity topic appears)."""
     answers = evaluations(cfg, names, D.EVAL_IDENTITY)
-    qids = list(dict.fromkeys(answers[names[0]].qid))[:: max(1, len(set(answers[names[0]].qid)) // n)][:n]
+    first = answers[names[0]]
+    all_qids = list(dict.fromkeys(first.qid))
+    qids = all_qids[:: max(1, len(all_qids) // n)][:n]
     rows = []
     for q in qids:
-        row = {"question": answers[names[0]].loc[answers[names[0]].qid == q, "question"].iloc[0]}
+        row = {"question": first.loc[first.qid == q, "question"].iloc[0]}
         for m in names:
             r = answers[m][(answers[m].qid == q) & (answers[m]["sample"] == 0)].iloc[0]
             row[m] = f"[{r.kind if isinstance(r.kind, str) else r.label}] {r.answer}"
