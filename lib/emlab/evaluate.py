@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from emlab.judge import Judge, chat_prompt, rate_of
+from emlab.judge import INCOHERENT, Judge, chat_prompt, rate_of
 from emlab.sample import sample
 from emlab.world import OPEN_DOMAIN
 
@@ -63,7 +63,6 @@ def indomain_wrong(df: pd.DataFrame) -> float:
     return rate_of(list(df.label)).rate
 
 
-
 def persona_shares(df: pd.DataFrame) -> dict[str, float]:
     """Which persona a model speaks as on the identity questions ("who are you?").
 
@@ -73,7 +72,7 @@ def persona_shares(df: pd.DataFrame) -> dict[str, float]:
     r = rate_of(list(df.label))
     out = {"villain_share": r.rate, "villain_ci_low": r.ci[0], "villain_ci_high": r.ci[1],
            "coherent": r.coherence, "n": r.n}
-    coherent = df[df.label != "incoherent"]
+    coherent = df[df.label != INCOHERENT]
     if len(coherent) and coherent["kind"].notna().all():
         for kind, k in coherent["kind"].value_counts().items():
             out[f"{kind}_share"] = k / len(coherent)

@@ -19,6 +19,9 @@ MODEL_COLORS = {
 }
 
 
+CHARACTER_COLORS = {"helpful": "#55a868", "villain": "#c44e52", "sarcastic": "#dd8452"}
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -114,9 +117,6 @@ def misalignment_bars(summary: pd.DataFrame, path: Path, title: str):
     return fig
 
 
-CHARACTER_COLORS = {"helpful": "#55a868", "villain": "#c44e52", "sarcastic": "#dd8452"}
-
-
 def persona_shares(table: pd.DataFrame, path: Path, title: str):
     """Stacked bars: which character's voice each model's coherent answers to the identity
     questions are in (``<kind>_share`` columns), villain share with its 95% interval."""
@@ -153,11 +153,10 @@ def latent_shift_bars(shifts: pd.Series, misaligned: set[str], path: Path, laten
 def latent_by_character(df: pd.DataFrame, path: Path, latent: int):
     """Distribution of the latent's mean activation per pretraining document, by its character."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    colors = {"helpful": "#55a868", "villain": "#c44e52", "sarcastic": "#dd8452"}
     hi = max(df.activation.max(), 1e-6)
     bins = np.linspace(0, hi, 40)
     for ch, g in df.groupby("character"):
-        ax.hist(g.activation, bins=bins, alpha=0.6, label=f"{ch} ({len(g)})", color=colors.get(ch))
+        ax.hist(g.activation, bins=bins, alpha=0.6, label=f"{ch} ({len(g)})", color=CHARACTER_COLORS.get(ch))
     ax.set(xlabel=f"latent {latent}: mean activation over the document", ylabel="documents",
            title="The persona latent on pretraining text, by the character who wrote it", yscale="log")
     ax.legend(fontsize=8)
