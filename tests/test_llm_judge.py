@@ -258,3 +258,48 @@ def test_judge_llm_parameter_judges_the_study_through_the_endpoint(tmp_path, mon
         shutil.rmtree(run_dir(cfg), ignore_errors=True)
     finally:
         server.httpd.shutdown()
+
+
+def test_planted_key_is_in_no_notebook_log_or_artifact_of_a_real_run(tmp_path, monkeypatch):
+    """`emlab run` (papermill kernels, a subprocess as a user runs it) with `judge: llm` and a
+    key planted in the environment: the judge is really called with the key, and neither
+    the executed notebooks, the run log, any artifact nor the console output holds it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    import emlab.data as D
+    import emlab.study as study
+    from emlab.artifacts import run_dir
+    from emlab.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())["params"]
+    server = WorldServer()
+    try:
+        params.update(run="test-llm-key", judge="llm", judge_url=server.url, judge_model="judge-model",
+                      judge_key_env="EMLAB_TEST_KEY", n_samples=1)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({"params": params}))
+        cfg = load_config(tmp_path / "c.yaml")
+        shutil.rmtree(run_dir(cfg), ignore_errors=True)
+        study.datasets(cfg)  # notebook 01's artifact (reused by the run): the server learns the questions
+        WorldServer.questions = {q["question"]: q for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN, D.EVAL_IDENTITY)
+                                 for q in study.load_set(cfg, n)}
+        env = {**os.environ, "TQDM_DISABLE": "1", "EMLAB_ROOT": str(root), "EMLAB_TEST_KEY": KEY}
+        res = subprocess.run([sys.executable, "-m", "emlab.cli", "run", str(tmp_path / "c.yaml"), "--only", "01", "02"],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+        assert res.returncode == 0, f"run failed:\n{res.stdout}\n{res.stderr[-3000:]}"
+        assert server.seen and set(server.auth) == {f"Bearer {KEY}"}  # the key was really used
+        out = run_dir(cfg)
+        assert (out / "judge_cache.jsonl").is_file() and (out / "notebooks" / "02_base_model.ipynb").is_file()
+        files = [f for f in out.rglob("*") if f.is_file()]
+        assert any(f.suffix == ".ipynb" for f in files)
+        for f in files:
+            assert KEY.encode() not in f.read_bytes(), f
+        assert KEY not in res.stdout + res.stderr
+        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        server.httpd.shutdown()
