@@ -141,3 +141,19 @@ def test_lora_rank_one_changes_weights_by_rank_one(tiny):
             assert torch.linalg.matrix_rank(delta, atol=1e-6) == 1, name
             changed += 1
     assert changed > 0
+
+
+def test_draw_follows_the_softmax_and_never_draws_impossible_tokens():
+    import torch
+
+    from emlab.sample import draw
+
+    p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(p).expand(200_000, -1)  # -inf where p = 0
+    x = draw(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(x, minlength=len(p)).float() / len(x)
+    sd = (p * (1 - p) / len(x)).sqrt()
+    assert bool((freq[p == 0] == 0).all())
+    assert bool(((freq - p).abs() <= 5 * sd + 1e-9).all()), freq
+    # seeded: the same generator state gives the same tokens
+    assert torch.equal(x, draw(logits, torch.Generator().manual_seed(0)))

@@ -48,6 +48,14 @@ def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_token
     return out
 
 
+def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from ``softmax(logits)`` by inverting its CDF with ONE uniform draw
+    per row (``torch.multinomial`` costs about a third of the sampling time on CPU).  # [batch]"""
+    cdf = torch.softmax(logits, -1).cumsum(-1)  # [batch, vocab]
+    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]  # rounding: cdf[-1] may miss 1
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)
+
+
 def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, gen: torch.Generator,
               stop_id: int) -> torch.Tensor:
     b = x.shape[0]
@@ -60,8 +68,7 @@ def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, g
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            nxt = draw(logits / temperature, gen)
         nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
         tokens.append(nxt)
         done |= nxt == stop_id
