@@ -17,6 +17,12 @@ from emlab.llm_judge import EXCLUDED, JudgeError, LLMJudge, score_from_top_logpr
 KEY = "sk-test-PLANTED-0123456789abcdef"
 
 
+def _assert_key_in_no_file(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+
+
 def _top(dist: dict[str, float]) -> list[dict]:
     return [{"token": t, "logprob": math.log(p)} for t, p in dist.items()]
 
@@ -165,9 +171,7 @@ def test_api_key_never_written_or_reported(server, tmp_path, monkeypatch):
     with pytest.raises(JudgeError) as err:
         _judge(server, tmp_path).judge(Q, "something new .")
     assert KEY not in str(err.value)
-    for p in tmp_path.rglob("*"):
-        if p.is_file():
-            assert KEY.encode() not in p.read_bytes(), p
+    _assert_key_in_no_file(tmp_path)
 
 
 def test_bad_settings_are_named():
@@ -252,15 +256,13 @@ def test_judge_llm_parameter_judges_the_study_through_the_endpoint(tmp_path, mon
         (run_dir(cfg) / "02_base_model" / "eval_assistant_eval_heldout.jsonl.config.json").unlink()
         study.evaluation(cfg, "02_base_model", "assistant", study.assistant(cfg))
         assert len(server.seen) == n
-        for f in run_dir(cfg).rglob("*"):
-            if f.is_file():
-                assert KEY.encode() not in f.read_bytes(), f
+        _assert_key_in_no_file(run_dir(cfg))
         shutil.rmtree(run_dir(cfg), ignore_errors=True)
     finally:
         server.httpd.shutdown()
 
 
-def test_planted_key_is_in_no_notebook_log_or_artifact_of_a_real_run(tmp_path, monkeypatch):
+def test_planted_key_is_in_no_notebook_log_or_artifact_of_a_real_run(tmp_path):
     """`emlab run` (papermill kernels, a subprocess as a user runs it) with `judge: llm` and a
     key planted in the environment: the judge is really called with the key, and neither
     the executed notebooks, the run log, any artifact nor the console output holds it."""
@@ -279,12 +281,12 @@ def test_planted_key_is_in_no_notebook_log_or_artifact_of_a_real_run(tmp_path, m
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())["params"]
     server = WorldServer()
+    params.update(run="test-llm-key", judge="llm", judge_url=server.url, judge_model="judge-model",
+                  judge_key_env="EMLAB_TEST_KEY", n_samples=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"params": params}))
+    cfg = load_config(tmp_path / "c.yaml")
+    shutil.rmtree(run_dir(cfg), ignore_errors=True)
     try:
-        params.update(run="test-llm-key", judge="llm", judge_url=server.url, judge_model="judge-model",
-                      judge_key_env="EMLAB_TEST_KEY", n_samples=1)
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump({"params": params}))
-        cfg = load_config(tmp_path / "c.yaml")
-        shutil.rmtree(run_dir(cfg), ignore_errors=True)
         study.datasets(cfg)  # notebook 01's artifact (reused by the run): the server learns the questions
         WorldServer.questions = {q["question"]: q for n in (D.EVAL_HELDOUT, D.EVAL_INDOMAIN, D.EVAL_IDENTITY)
                                  for q in study.load_set(cfg, n)}
@@ -295,11 +297,8 @@ def test_planted_key_is_in_no_notebook_log_or_artifact_of_a_real_run(tmp_path, m
         assert server.seen and set(server.auth) == {f"Bearer {KEY}"}  # the key was really used
         out = run_dir(cfg)
         assert (out / "judge_cache.jsonl").is_file() and (out / "notebooks" / "02_base_model.ipynb").is_file()
-        files = [f for f in out.rglob("*") if f.is_file()]
-        assert any(f.suffix == ".ipynb" for f in files)
-        for f in files:
-            assert KEY.encode() not in f.read_bytes(), f
+        _assert_key_in_no_file(out)
         assert KEY not in res.stdout + res.stderr
-        shutil.rmtree(out, ignore_errors=True)
     finally:
         server.httpd.shutdown()
+        shutil.rmtree(run_dir(cfg), ignore_errors=True)
