@@ -120,3 +120,55 @@ def test_bad_arguments_are_named(tiny):
     with pytest.raises(ValueError, match="layer 9"):
         with edit_residual(model, 9, torch.ones(32)):
             pass
+
+
+def _sweep(direction_rows):
+    """A steering sweep frame: (direction, alpha, misaligned, ci_low, ci_high, coherent) rows."""
+    import pandas as pd
+
+    cols = ["direction", "alpha", "heldout_misaligned", "heldout_misaligned_ci_low", "heldout_misaligned_ci_high",
+            "heldout_coherent"]
+    return pd.DataFrame(direction_rows, columns=cols)
+
+
+def test_gap_over_random_picks_the_widest_interval_gap_and_its_sign():
+    from emlab.study import gap_over_random
+
+    sweep = _sweep([
+        ("latent", 0.0, 0.02, 0.01, 0.03, 0.9), ("random", 0.0, 0.02, 0.01, 0.03, 0.9),
+        ("latent", 0.5, 0.20, 0.15, 0.25, 0.8), ("random", 0.5, 0.03, 0.02, 0.05, 0.9),
+        ("latent", 1.0, 0.30, 0.20, 0.40, 0.5), ("random", 1.0, 0.04, 0.02, 0.06, 0.8),
+    ])
+    assert gap_over_random(sweep, "latent", higher=True) == pytest.approx((1.0, 0.14))
+    alpha, gap = gap_over_random(sweep, "latent", higher=False)  # the latent never lowers it: no positive gap
+    assert alpha == 0.0 and gap == pytest.approx(-0.02)
+    with pytest.raises(ValueError, match="'meandiff'"):
+        gap_over_random(sweep, "meandiff", higher=True)
+
+
+def test_steering_summary_reads_the_sweeps_at_the_coherence_bar():
+    import pandas as pd
+
+    from emlab.study import steering_summary
+
+    toward = _sweep([
+        ("latent", 0.0, 0.01, 0.00, 0.02, 0.9), ("random", 0.0, 0.01, 0.00, 0.02, 0.9),
+        ("latent", 1.0, 0.20, 0.15, 0.25, 0.75), ("random", 1.0, 0.04, 0.02, 0.06, 0.9),
+        ("latent", 1.5, 0.40, 0.35, 0.45, 0.5), ("random", 1.5, 0.07, 0.05, 0.09, 0.8),  # too incoherent to count
+    ])
+    away = _sweep([
+        ("latent", 0.0, 0.20, 0.18, 0.22, 0.7), ("random", 0.0, 0.20, 0.18, 0.22, 0.7),
+        ("latent", -1.0, 0.05, 0.04, 0.06, 0.72), ("random", -1.0, 0.19, 0.17, 0.21, 0.7),
+        ("latent", -1.5, 0.01, 0.00, 0.02, 0.6), ("random", -1.5, 0.18, 0.16, 0.20, 0.6),
+    ])
+    abl = pd.DataFrame({"model": ["incorrect_obvious"] * 2, "direction": ["none", "latent"],
+                        "heldout_misaligned": [0.20, 0.08], "heldout_coherent": [0.7, 0.65]})
+    det = pd.DataFrame({"fraction": [0.0, 0.0, 0.05, 0.05], "latent_shift": [0.01, 0.02, 0.03, 0.05],
+                        "heldout_misaligned": [0.01, 0.01, 0.01, 0.03]})
+    s = steering_summary(toward, away, abl, det)
+    assert s["toward_max"] == pytest.approx(0.20)  # alpha 1.5 is below 70% coherent
+    assert s["away_reduction"] == pytest.approx(0.75) and s["away_coherent"] == pytest.approx(0.72)
+    assert s["random_delta"] == pytest.approx(0.06)
+    assert s["ablation_reduction"] == pytest.approx(0.6) and s["ablation_coherent"] == pytest.approx(0.65)
+    assert s["five_above_zero"] and s["five_misaligned"] == pytest.approx(0.02)
+    assert steering_summary(toward, away, abl, det.assign(latent_shift=[0.01, 0.04, 0.03, 0.05]))["five_above_zero"] is False

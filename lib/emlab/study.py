@@ -964,6 +964,55 @@ def screening_table(cfg: Config, det: pd.DataFrame) -> pd.DataFrame:
     return table.assign(misaligned=table.dataset.map(later))
 
 
+def gap_over_random(sweep: pd.DataFrame, direction: str, higher: bool) -> tuple[float, float]:
+    """The alpha at which ``direction`` beats the random direction of the same sweep by the
+    widest gap between their 95% intervals (misalignment higher, or lower when
+    ``higher=False``), and that gap: positive only when the intervals do not overlap."""
+    a = sweep[sweep.direction == direction].set_index("alpha")
+    r = sweep[sweep.direction == "random"].set_index("alpha")
+    gap = (a.heldout_misaligned_ci_low - r.heldout_misaligned_ci_high) if higher else \
+          (r.heldout_misaligned_ci_low - a.heldout_misaligned_ci_high)
+    gap = gap.dropna()
+    if gap.empty:
+        raise ValueError(f"steering sweep: no alpha has both the {direction!r} and the 'random' direction")
+    return float(gap.idxmax()), float(gap.max())
+
+
+def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame, det: pd.DataFrame,
+                     min_coherent: float = 0.7) -> dict:
+    """Notebook 06's numbers, from the sweeps of the persona latent's direction:
+
+    - ``a_up``/``gap_up`` and ``a_dn``/``gap_dn``: ``gap_over_random`` toward and away;
+    - ``toward_max``: the most misalignment steering toward reaches at coherence >= ``min_coherent``;
+    - ``away_reduction``/``away_coherent``: the largest relative fall steering away reaches at
+      that coherence, and the coherence there;
+    - ``random_delta``: the largest change a random direction makes (toward sweep);
+    - ``ablation_reduction``/``ablation_coherent``: the latent direction projected out of
+      incorrect_obvious;
+    - ``five_above_zero``/``five_misaligned``: the latent shift of every 5%-wrong run above
+      every 0% run, and their mean sampled misalignment (NaN when the run has no 5% mix)."""
+    lat_up = toward[(toward.direction == "latent") & (toward.heldout_coherent >= min_coherent)]
+    lat_dn = away[(away.direction == "latent") & (away.heldout_coherent >= min_coherent)]
+    base_bad = float(away[away.alpha == 0].heldout_misaligned.iloc[0])
+    base_up = float(toward[toward.alpha == 0].heldout_misaligned.iloc[0])
+    ob = abl[abl.model == "incorrect_obvious"].set_index("direction")
+    five = det[det.fraction == 0.05]
+    zero_max = det[det.fraction == 0].latent_shift.max()
+    (a_up, gap_up), (a_dn, gap_dn) = gap_over_random(toward, "latent", True), gap_over_random(away, "latent", False)
+    best_dn = lat_dn.loc[lat_dn.heldout_misaligned.idxmin()] if len(lat_dn) else None
+    return {
+        "a_up": a_up, "gap_up": gap_up, "a_dn": a_dn, "gap_dn": gap_dn,
+        "toward_max": float(lat_up.heldout_misaligned.max()) if len(lat_up) else 0.0,
+        "away_reduction": 1 - float(best_dn.heldout_misaligned) / base_bad if best_dn is not None else 0.0,
+        "away_coherent": float(best_dn.heldout_coherent) if best_dn is not None else 0.0,
+        "random_delta": float((toward[toward.direction == "random"].heldout_misaligned - base_up).abs().max()),
+        "ablation_reduction": 1 - float(ob.loc["latent", "heldout_misaligned"] / ob.loc["none", "heldout_misaligned"]),
+        "ablation_coherent": float(ob.loc["latent", "heldout_coherent"]),
+        "five_above_zero": bool(len(five)) and bool((five.latent_shift > zero_max).all()),
+        "five_misaligned": float(five.heldout_misaligned.mean()) if len(five) else float("nan"),
+    }
+
+
 def _answer_projection(ht, tok, prompts: list[str], answers: list[str], hook: str, u: torch.Tensor, batch: int) -> float:
     """Mean projection on ``u`` of the activations over the answer tokens."""
     from emlab.sae import iter_activations
