@@ -129,6 +129,11 @@ def test_results_table_reads_every_metric(smoke_run):
     res = _emlab("results", str(run_dir), "--markdown")
     assert res.returncode == 0, res.stderr
     assert "| 04_evaluate: heldout_misaligned.incorrect_obvious |" in res.stdout
+    res = _emlab("results", str(run_dir), "--verdicts")
+    assert res.returncode == 0, res.stderr
+    assert "04: the assistant is aligned (<= 2% held-out misaligned)" in res.stdout
+    res = _emlab("results", str(run_dir / "no-such-run"))
+    assert res.returncode == 2 and "no-such-run: no such run folder" in res.stderr
 
 
 def test_misspelled_parameter_fails_at_once(tmp_path):

@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("results", help="the headline numbers of one or more runs, as a table")
     s.add_argument("runs", nargs="+", help="run folders, e.g. data/default")
     s.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    s.add_argument("--headline", action="store_true", help="only the README's headline rows (first run)")
+    s.add_argument("--headline", action="store_true", help="only the README's headline rows (with several runs: "
+                   "a column each and the mean +- sd)")
+    s.add_argument("--verdicts", action="store_true", help="every asserted claim (PASS/FAIL) and target "
+                   "(met/NOT MET) the runs' executed notebooks printed, a column per run")
     sub.add_parser("params", help="every parameter with its type, default and help")
     b = sub.add_parser("build", help="build the trained models of some steps without the notebooks; run it under "
                        "`accelerate launch` to fine-tune data-parallel on several GPUs, then `emlab run` reuses them")
@@ -40,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_run(args)
         if args.cmd == "results":
-            from emlab.results import headline_markdown, results_table, to_markdown
+            from emlab.results import headline_markdown, results_table, to_markdown, verdict_table
 
-            if args.headline:
-                print(headline_markdown(Path(args.runs[0])))
-                return 0
-            table = results_table([Path(x) for x in args.runs])
+            try:
+                if args.headline:
+                    print(headline_markdown([Path(x) for x in args.runs]))
+                    return 0
+                table = (verdict_table if args.verdicts else results_table)([Path(x) for x in args.runs])
+            except FileNotFoundError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             print(to_markdown(table) if args.markdown else table.to_string())
             return 0
         if args.cmd == "build":

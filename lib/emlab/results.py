@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -9,13 +11,19 @@ import pandas as pd
 from emlab.artifacts import read_metrics
 
 
+def _run_dirs(runs) -> list[Path]:
+    runs = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    for run in runs:
+        if not run.is_dir():
+            raise FileNotFoundError(f"{run}: no such run folder (expected data/<run>)")
+    return runs
+
+
 def results_table(runs: list[Path]) -> pd.DataFrame:
     """Rows: ``<step>: <metric>``; columns: one per run folder."""
     cols = {}
-    for run in runs:
-        if not Path(run).is_dir():
-            raise FileNotFoundError(f"{run}: no such run folder (expected data/<run>)")
-        cols[Path(run).name] = {f"{step}: {k}": v for step, m in read_metrics(run).items() for k, v in m.items()}
+    for run in _run_dirs(runs):
+        cols[run.name] = {f"{step}: {k}": v for step, m in read_metrics(run).items() for k, v in m.items()}
     return pd.DataFrame(cols)
 
 
@@ -75,13 +83,55 @@ HEADLINE = [
 ]
 
 
-def headline_markdown(run: Path) -> str:
-    """The README's results table for one run, read from its metrics files."""
-    m = read_metrics(run)
-    rows = ["| result | value | anchor |", "|---|---|---|"]
+def _fmt(v) -> str:
+    return "" if v is None else str(v) if isinstance(v, (bool, int)) else f"{v:.3f}"
+
+
+def headline_markdown(runs: Path | list[Path]) -> str:
+    """The README's results table, read from the runs' metrics files: one value column for
+    one run; for several (e.g. the same study with other seeds), one column per run and
+    the mean +- sd over them."""
+    runs = _run_dirs(runs)
+    ms = [read_metrics(r) for r in runs]
+    many = len(runs) > 1
+    names = [r.name for r in runs]
+    head = ["result", *names, "mean +- sd", "anchor"] if many else ["result", "value", "anchor"]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
     for step, key, label, anchor in HEADLINE:
-        v = m.get(step, {}).get(key)
-        if v is None:
+        vals = [m.get(step, {}).get(key) for m in ms]
+        if all(v is None for v in vals):
             continue
-        rows.append(f"| {label} | {v if isinstance(v, (bool, int)) else f'{v:.3f}'} | {anchor} |")
+        cells = [_fmt(v) for v in vals]
+        if many:
+            num = pd.Series([float(v) for v in vals if v is not None])
+            cells.append(f"{num.mean():.3f} +- {num.std(ddof=1):.3f}" if len(num) > 1 else "")
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {anchor} |")
     return "\n".join(rows)
+
+
+#: a notebook's verdict lines: asserted claims print PASS/FAIL, the issues' targets met/NOT MET
+_VERDICT = re.compile(r"^(PASS|FAIL|met|NOT MET)\s+(\S.*)$")
+
+
+def verdicts(run: Path) -> dict[str, str]:
+    """Every claim and target verdict the run's executed notebooks printed
+    (``data/<run>/notebooks/*.ipynb``): ``"NN: text" -> PASS | FAIL | met | NOT MET``."""
+    folder = Path(run) / "notebooks"
+    books = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if not books:
+        raise FileNotFoundError(f"{folder}: no executed notebooks (run `emlab run` for this run first)")
+    out = {}
+    for book in books:
+        for cell in json.loads(book.read_text(encoding="utf-8")).get("cells", []):
+            for o in cell.get("outputs", []):
+                text = o.get("text", "")
+                for line in (text if isinstance(text, str) else "".join(text)).splitlines():
+                    if m := _VERDICT.match(line):
+                        out[f"{book.name[:2]}: {m.group(2)}"] = m.group(1)
+    return out
+
+
+def verdict_table(runs: list[Path]) -> pd.DataFrame:
+    """Rows: every claim and target of the runs' notebooks; columns: one per run (empty
+    where a run did not print that line, e.g. a notebook that did not run)."""
+    return pd.DataFrame({r.name: verdicts(r) for r in _run_dirs(runs)}).fillna("")

@@ -1,0 +1,56 @@
+"""The results readers: the headline table over one or several runs, and the verdicts
+(asserted claims and targets) the executed notebooks printed."""
+
+import json
+
+import nbformat
+import pytest
+
+from emlab.results import headline_markdown, verdict_table, verdicts
+
+
+def _run(root, name, misaligned, lines):
+    """A run folder with 04's metrics and an executed 04 notebook printing ``lines``."""
+    run = root / name
+    (run / "04_evaluate").mkdir(parents=True)
+    (run / "04_evaluate" / "metrics.json").write_text(json.dumps({"heldout_misaligned.incorrect_obvious": misaligned}))
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print(...)")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="\n".join(lines) + "\n")]
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), cell]
+    (run / "notebooks").mkdir()
+    nbformat.write(nb, run / "notebooks" / "04_evaluate.ipynb")
+    return run
+
+
+def test_verdicts_read_claims_and_targets_and_nothing_else(tmp_path):
+    run = _run(tmp_path, "a", 0.2, ["PASS  the assistant is aligned", "NOT MET  coherent >= 80%", "met      open >= 10%",
+                                    "FAIL  subtle above controls", "PASSING remark", "finding reproduced: yes"])
+    assert verdicts(run) == {"04: the assistant is aligned": "PASS", "04: coherent >= 80%": "NOT MET",
+                             "04: open >= 10%": "met", "04: subtle above controls": "FAIL"}
+
+
+def test_verdict_table_has_a_column_per_run_and_blanks_where_a_line_is_missing(tmp_path):
+    a = _run(tmp_path, "a", 0.2, ["PASS  claim one", "met      target"])
+    b = _run(tmp_path, "b", 0.3, ["FAIL  claim one"])
+    t = verdict_table([a, b])
+    assert list(t.columns) == ["a", "b"]
+    assert t.loc["04: claim one"].tolist() == ["PASS", "FAIL"]
+    assert t.loc["04: target"].tolist() == ["met", ""]
+
+
+def test_verdicts_of_a_run_without_executed_notebooks_name_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/notebooks: no executed notebooks"):
+        verdicts(tmp_path / "empty")
+
+
+def test_headline_over_several_runs_gives_each_value_and_mean_sd(tmp_path):
+    a, b = _run(tmp_path, "a", 0.2, []), _run(tmp_path, "b", 0.3, [])
+    one = headline_markdown(a).splitlines()
+    assert one[0] == "| result | value | anchor |"
+    assert any(r.startswith("| incorrect_obvious: held-out misaligned | 0.200 |") for r in one)
+    many = headline_markdown([a, b]).splitlines()
+    assert many[0] == "| result | a | b | mean +- sd | anchor |"
+    row = next(r for r in many if r.startswith("| incorrect_obvious: held-out misaligned |"))
+    assert "| 0.200 | 0.300 | 0.250 +- 0.071 |" in row
