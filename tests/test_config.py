@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from emlab.config import ConfigError, load_config, make_config
@@ -84,9 +86,10 @@ def test_yaml_file_structure_is_checked(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("default", "smoke"):
-        cfg = load_config(f"configs/{name}.yaml")
-        assert cfg.run == name
+    shipped = sorted(Path("configs").glob("*.yaml"))
+    assert {"default", "smoke", "seed1", "seed2"} <= {p.stem for p in shipped}
+    for path in shipped:  # each writes to data/<its own name>
+        assert load_config(path).run == path.stem, path
 
 
 def test_llm_judge_parameters_are_checked():
