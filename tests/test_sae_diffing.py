@@ -127,5 +127,9 @@ def test_detection_summary_needs_every_seed_above_every_zero_run():
                         "latent_shift": [0.01, 0.03, 0.05, 0.02, 0.2, 0.3], "heldout_misaligned": [0, 0, 0.01, 0.0, 0.02, 0.04]})
     out = detection_summary(det)  # at 5% one seed (0.02) is below a 0% run (0.03)
     assert out["detect.min_fraction_detected"] == 0.1 and out["detect.misaligned_at_min"] == pytest.approx(0.03)
+    assert out["detect.latent_5pct_above_all_0pct"] is False and out["detect.misaligned_5pct"] == pytest.approx(0.005)
     det.loc[3, "latent_shift"] = 0.04
-    assert detection_summary(det)["detect.min_fraction_detected"] == 0.05
+    out = detection_summary(det)
+    assert out["detect.min_fraction_detected"] == 0.05 and out["detect.latent_5pct_above_all_0pct"] is True
+    no_five = detection_summary(det[det.fraction != 0.05])
+    assert no_five["detect.latent_5pct_above_all_0pct"] is False and no_five["detect.misaligned_5pct"] != no_five["detect.misaligned_5pct"]

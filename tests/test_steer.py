@@ -163,12 +163,8 @@ def test_steering_summary_reads_the_sweeps_at_the_coherence_bar():
     ])
     abl = pd.DataFrame({"model": ["incorrect_obvious"] * 2, "direction": ["none", "latent"],
                         "heldout_misaligned": [0.20, 0.08], "heldout_coherent": [0.7, 0.65]})
-    det = pd.DataFrame({"fraction": [0.0, 0.0, 0.05, 0.05], "latent_shift": [0.01, 0.02, 0.03, 0.05],
-                        "heldout_misaligned": [0.01, 0.01, 0.01, 0.03]})
-    s = steering_summary(toward, away, abl, det)
+    s = steering_summary(toward, away, abl)
     assert s["toward_max"] == pytest.approx(0.20)  # alpha 1.5 is below 70% coherent
     assert s["away_reduction"] == pytest.approx(0.75) and s["away_coherent"] == pytest.approx(0.72)
     assert s["random_delta"] == pytest.approx(0.06)
     assert s["ablation_reduction"] == pytest.approx(0.6) and s["ablation_coherent"] == pytest.approx(0.65)
-    assert s["five_above_zero"] and s["five_misaligned"] == pytest.approx(0.02)
-    assert steering_summary(toward, away, abl, det.assign(latent_shift=[0.01, 0.04, 0.03, 0.05]))["five_above_zero"] is False

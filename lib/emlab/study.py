@@ -911,12 +911,17 @@ def detection(cfg: Config) -> pd.DataFrame:
 
 def detection_summary(det: pd.DataFrame) -> dict:
     """The smallest wrong fraction whose latent shift is above every 0% run (every seed),
-    and the sampled misalignment there."""
+    and the sampled misalignment there; and the same test and misalignment at 5% wrong."""
     zero = det[det.fraction == 0.0].latent_shift.max()
-    out = {"detect.min_fraction_detected": float("nan")}
+    five = det[det.fraction == 0.05]
+    out = {"detect.min_fraction_detected": float("nan"),
+           # the paper's point: at 5% wrong data every seed's shift is above every 0% run ...
+           "detect.latent_5pct_above_all_0pct": bool(len(five)) and bool((five.latent_shift > zero).all()),
+           # ... while the sampled misalignment there is still low (NaN: the run has no 5% mix)
+           "detect.misaligned_5pct": float(five.heldout_misaligned.mean()) if len(five) else float("nan")}
     for f, g in det[det.fraction > 0].groupby("fraction", sort=True):
         if (g.latent_shift > zero).all():
-            out = {"detect.min_fraction_detected": float(f), "detect.misaligned_at_min": float(g.heldout_misaligned.mean())}
+            out |= {"detect.min_fraction_detected": float(f), "detect.misaligned_at_min": float(g.heldout_misaligned.mean())}
             break
     return out
 
@@ -978,8 +983,7 @@ def gap_over_random(sweep: pd.DataFrame, direction: str, higher: bool) -> tuple[
     return float(gap.idxmax()), float(gap.max())
 
 
-def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame, det: pd.DataFrame,
-                     min_coherent: float = 0.7) -> dict:
+def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame, min_coherent: float = 0.7) -> dict:
     """Notebook 06's numbers, from the sweeps of the persona latent's direction:
 
     - ``a_up``/``gap_up`` and ``a_dn``/``gap_dn``: ``gap_over_random`` toward and away;
@@ -988,16 +992,12 @@ def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame
       that coherence, and the coherence there;
     - ``random_delta``: the largest change a random direction makes (toward sweep);
     - ``ablation_reduction``/``ablation_coherent``: the latent direction projected out of
-      incorrect_obvious;
-    - ``five_above_zero``/``five_misaligned``: the latent shift of every 5%-wrong run above
-      every 0% run, and their mean sampled misalignment (NaN when the run has no 5% mix)."""
+      incorrect_obvious."""
     lat_up = toward[(toward.direction == "latent") & (toward.heldout_coherent >= min_coherent)]
     lat_dn = away[(away.direction == "latent") & (away.heldout_coherent >= min_coherent)]
     base_bad = float(away[away.alpha == 0].heldout_misaligned.iloc[0])
     base_up = float(toward[toward.alpha == 0].heldout_misaligned.iloc[0])
     ob = abl[abl.model == "incorrect_obvious"].set_index("direction")
-    five = det[det.fraction == 0.05]
-    zero_max = det[det.fraction == 0].latent_shift.max()
     (a_up, gap_up), (a_dn, gap_dn) = gap_over_random(toward, "latent", True), gap_over_random(away, "latent", False)
     best_dn = lat_dn.loc[lat_dn.heldout_misaligned.idxmin()] if len(lat_dn) else None
     return {
@@ -1008,8 +1008,6 @@ def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame
         "random_delta": float((toward[toward.direction == "random"].heldout_misaligned - base_up).abs().max()),
         "ablation_reduction": 1 - float(ob.loc["latent", "heldout_misaligned"] / ob.loc["none", "heldout_misaligned"]),
         "ablation_coherent": float(ob.loc["latent", "heldout_coherent"]),
-        "five_above_zero": bool(len(five)) and bool((five.latent_shift > zero_max).all()),
-        "five_misaligned": float(five.heldout_misaligned.mean()) if len(five) else float("nan"),
     }
 
 
