@@ -133,3 +133,29 @@ def test_detection_summary_needs_every_seed_above_every_zero_run():
     assert out["detect.min_fraction_detected"] == 0.05 and out["detect.latent_5pct_above_all_0pct"] is True
     no_five = detection_summary(det[det.fraction != 0.05])
     assert no_five["detect.latent_5pct_above_all_0pct"] is False and no_five["detect.misaligned_5pct"] != no_five["detect.misaligned_5pct"]
+
+
+def test_diffing_score_discounts_what_the_controls_move():
+    import pandas as pd
+
+    from emlab.study import diffing_score
+
+    # latent 0 rises after every fine-tune (the domain), latent 1 only after the wrong answers
+    shifts = pd.DataFrame({"incorrect_obvious": [0.9, 0.5, 0.0], "correct": [0.8, 0.0, 0.1], "educational": [0.7, 0.1, -0.2]})
+    assert list(diffing_score(shifts, "original")) == [0.9, 0.5, 0.0]
+    assert diffing_score(shifts, "controls").round(6).tolist() == [0.1, 0.4, -0.1]
+    assert int(diffing_score(shifts, "controls").to_numpy().argmax()) == 1
+    with pytest.raises(ValueError, match="diff_baseline 'both'"):
+        diffing_score(shifts, "both")
+
+
+def test_pick_persona_takes_the_best_latent_over_every_sae():
+    import pandas as pd
+
+    from emlab.study import pick_persona
+
+    scores = [pd.Series([0.1, 0.3, 0.2]), pd.Series([0.5, 0.0, 0.4]), pd.Series([0.5, 0.45, 0.0])]
+    p = pick_persona(scores)
+    assert (p["sae"], p["latent"], p["score"]) == (1, 0, 0.5)  # a tie goes to the first SAE
+    assert [(r["sae"], r["latent"]) for r in p["members"]] == [(0, 1), (1, 0), (2, 0)]
+    assert pick_persona(scores[:1])["latent"] == 1  # one SAE: its own top latent

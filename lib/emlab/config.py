@@ -128,13 +128,18 @@ class Config:
     # --- 05: SAE and model diffing ---------------------------------------------------------
     sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
     sae_layer: int = _f(3, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
-    sae_width: int = _f(256, "SAE latents (2x d_model gives a clean persona latent)", step=S5, lo=2)
+    sae_width: int = _f(512, "SAE latents", step=S5, lo=2)
     sae_k: int = _f(8, "active latents per token (TopK)", step=S5, lo=1)
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
     sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
     sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)
     sae_docs: int = _f(1500, "pretraining documents whose activations train the SAE (and label the latents)", step=S5, lo=4)
     act_batch: int = _f(64, "texts per activation batch (bounds memory)", step=S5, lo=1)
+    sae_seeds: int = _f(5, "SAEs trained on the same activations, each with its own seed: which features a TopK SAE "
+                        "learns varies with its seed, so the persona latent is chosen over all of them", step=S5, lo=1)
+    diff_baseline: str = _f("controls", "how model diffing scores a latent: its rise after incorrect_obvious minus the "
+                            "largest rise after a control fine-tune ('controls'), or the rise alone as in Wang et al. "
+                            "('original')", step=S5, choices=("controls", "original"))
     diff_site: str = _f("prompt", "where latents are read for diffing: every token of the held-out prompts, or the "
                         "tokens of fixed answers (the original model's samples)", step=S5, choices=("prompt", "answer"))
     # --- 06: steering and detection ----------------------------------------------------------

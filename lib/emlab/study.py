@@ -587,10 +587,18 @@ def document_activations(cfg: Config) -> list[torch.Tensor]:
     return out
 
 
-def sae(cfg: Config, acts: list[torch.Tensor] | None = None) -> Path:
-    """The SAE trained on the original model's activations (SAELens format), with stats."""
+def sae_dir(member: int) -> str:
+    """Artifact folder of SAE ``member`` of the run's ensemble (``sae_seeds`` SAEs)."""
+    return f"{SAE_DIR}_{member}"
+
+
+def sae(cfg: Config, acts: list[torch.Tensor] | None = None, member: int = 0) -> Path:
+    """SAE ``member`` of the ensemble, trained on the original model's activations (SAELens
+    format), with stats. Every member sees the same activations and the same held-out split;
+    only the SAE's own seed (initialisation, batch order) differs."""
     from emlab.sae import hook_name, sae_stats, save_sae, train_sae
 
+    _check_member(cfg, member)
     _threads()
 
     def build(tmp: Path) -> None:
@@ -599,22 +607,39 @@ def sae(cfg: Config, acts: list[torch.Tensor] | None = None) -> Path:
         flat = flat[perm]
         test, train = flat[:N_TEST_ACTS], flat[N_TEST_ACTS:]
         model = train_sae(train, width=cfg.sae_width, k=cfg.sae_k, steps=cfg.sae_steps, batch=cfg.sae_batch,
-                          lr=cfg.sae_lr, seed=cfg.seed, hook=hook_name(cfg.sae_layer), model_name=cfg.sae_source)
+                          lr=cfg.sae_lr, seed=cfg.seed + 1000 * member, hook=hook_name(cfg.sae_layer),
+                          model_name=cfg.sae_source)
         save_sae(model, tmp)
         stats = {**sae_stats(model, test, train), "n_train_activations": len(train)}
         (tmp / SAE_STATS).write_text(json.dumps(stats), encoding="utf-8")
 
-    return Step(cfg, S05).cached(SAE_DIR, build)
+    return Step(cfg, S05).cached(sae_dir(member), build)
 
 
-def read_sae(cfg: Config):
+def saes(cfg: Config, acts: list[torch.Tensor] | None = None) -> list[Path]:
+    """Every SAE of the ensemble (trained once, then reused)."""
+    acts = acts if acts is not None or all(Step(cfg, S05).is_fresh(sae_dir(m)) for m in range(cfg.sae_seeds)) \
+        else document_activations(cfg)
+    return [sae(cfg, acts, m) for m in range(cfg.sae_seeds)]
+
+
+def _check_member(cfg: Config, member: int) -> None:
+    if not 0 <= member < cfg.sae_seeds:
+        raise ValueError(f"SAE member {member}: the run has sae_seeds = {cfg.sae_seeds} (members 0..{cfg.sae_seeds - 1})")
+
+
+def read_sae(cfg: Config, member: int | None = None):
+    """SAE ``member`` of the ensemble; by default the one that holds the persona latent."""
     from emlab.sae import load_sae
 
-    return load_sae(Step(cfg, S05).require(SAE_DIR), d_model=d_model(cfg))
+    member = persona(cfg)["sae"] if member is None else member
+    _check_member(cfg, member)
+    return load_sae(Step(cfg, S05).require(sae_dir(member)), d_model=d_model(cfg))
 
 
-def sae_stats_of(cfg: Config) -> dict:
-    return json.loads((Step(cfg, S05).require(SAE_DIR) / SAE_STATS).read_text(encoding="utf-8"))
+def sae_stats_of(cfg: Config, member: int | None = None) -> dict:
+    member = persona(cfg)["sae"] if member is None else member
+    return json.loads((Step(cfg, S05).require(sae_dir(member)) / SAE_STATS).read_text(encoding="utf-8"))
 
 
 def diff_texts(cfg: Config, tok) -> tuple[list[str], list[int]]:
@@ -635,30 +660,41 @@ def diff_texts(cfg: Config, tok) -> tuple[list[str], list[int]]:
 
 
 @torch.no_grad()
-def site_latents(cfg: Config, s, model, tok) -> torch.Tensor:
+def site_latents(cfg: Config, s, model, tok):
     """Mean activation of every SAE latent over the diffing site's tokens, for a model
-    given as a path or an in-memory ``transformers`` model.  # [d_sae]"""
+    given as a path or an in-memory ``transformers`` model.  # [d_sae]
+    ``s`` may be a list of SAEs: one forward pass then gives a list, one tensor per SAE."""
     from emlab.model import hooked
     from emlab.sae import hook_name, iter_activations
 
+    many = isinstance(s, (list, tuple))
+    members = list(s) if many else [s]
     ht = _hooked(model, cfg)[0] if isinstance(model, Path) else hooked(model, tok)
     texts, starts = diff_texts(cfg, tok)
-    total, n = torch.zeros(s.cfg.d_sae), 0
+    totals, n = [torch.zeros(m.cfg.d_sae) for m in members], 0
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
-        f = s.encode(a[starts[i]:])
-        total += f.sum(0)
-        n += len(f)
-    return total / n
+        a = a[starts[i]:]
+        for t, m in zip(totals, members):
+            t += m.encode(a).sum(0)
+        n += len(a)
+    out = [t / n for t in totals]
+    return out if many else out[0]
 
 
-def original_site_latents(cfg: Config) -> torch.Tensor:
-    """``site_latents`` of the original model, computed once per run.  # [d_sae]"""
-
+def _original_site_latents_all(cfg: Config) -> list[list[float]]:
     def compute():
         src = Step(cfg, S02).require(cfg.sae_source)
-        return site_latents(cfg, read_sae(cfg), src, load_model(src, cfg)[1]).tolist()
+        members = [read_sae(cfg, m) for m in range(cfg.sae_seeds)]
+        return [t.tolist() for t in site_latents(cfg, members, src, load_model(src, cfg)[1])]
 
-    return torch.tensor(Step(cfg, S05).cached_json("original_site_latents.json", compute))
+    return Step(cfg, S05).cached_json("original_site_latents.json", compute)
+
+
+def original_site_latents(cfg: Config, member: int | None = None) -> torch.Tensor:
+    """``site_latents`` of the original model for SAE ``member`` (default: the persona's
+    SAE), computed once per run for the whole ensemble.  # [d_sae]"""
+    member = persona(cfg)["sae"] if member is None else member
+    return torch.tensor(_original_site_latents_all(cfg)[member])
 
 
 def start_of(name: str) -> str:
@@ -666,20 +702,74 @@ def start_of(name: str) -> str:
     return rl_parts(name)[0] if name.startswith("rl_") else ASSISTANT
 
 
-def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.json") -> pd.DataFrame:
+def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.json",
+                  member: int | None = None) -> pd.DataFrame:
     """Model diffing: mean latent activation at the diffing site, each fine-tune minus the
-    original model (``original_site_latents``; for RL runs of the helpful-only assistant,
-    minus that assistant). Rows: latents; columns: fine-tunes (cached as ``artifact``)."""
+    original model (for RL runs of the helpful-only assistant, minus that assistant), for
+    SAE ``member`` (default: the persona's SAE). Rows: latents; columns: fine-tunes. Computed
+    for every SAE of the ensemble at once (one forward pass per model) and cached as ``artifact``."""
 
     def compute():
-        s = read_sae(cfg)
+        members = [read_sae(cfg, m) for m in range(cfg.sae_seeds)]
         _threads()
         tok = load_model(Step(cfg, S02).require(cfg.sae_source), cfg)[1]
-        starts = {a: original_site_latents(cfg) if a == ASSISTANT else site_latents(cfg, s, model_path(cfg, a), tok)
-                  for a in {start_of(n) for n in names}}
-        return {n: (site_latents(cfg, s, model_path(cfg, n), tok) - starts[start_of(n)]).tolist() for n in names}
+        origin = [torch.tensor(x) for x in _original_site_latents_all(cfg)]
+        starts = {a: origin if a == ASSISTANT else site_latents(cfg, members, model_path(cfg, a), tok)
+                  for a in sorted({start_of(n) for n in names})}
+        per_model = {n: site_latents(cfg, members, model_path(cfg, n), tok) for n in names}
+        return [{n: (per_model[n][m] - starts[start_of(n)][m]).tolist() for n in names} for m in range(len(members))]
 
-    return pd.DataFrame(Step(cfg, S05).cached_json(artifact, compute))
+    member = persona(cfg)["sae"] if member is None else member
+    _check_member(cfg, member)
+    return pd.DataFrame(Step(cfg, S05).cached_json(artifact, compute)[member])
+
+
+DIFF_CONTROLS = ("correct", "educational")
+
+
+def diffing_score(shifts: pd.DataFrame, baseline: str) -> pd.Series:
+    """The model-diffing score of every latent: its rise after ``incorrect_obvious``
+    (``baseline = "original"``, as in Wang et al.), or that rise minus the largest rise after
+    a control fine-tune on the same questions (``"controls"``), which discounts what any
+    fine-tune on the domain moves."""
+    rise = shifts["incorrect_obvious"]
+    if baseline == "original":
+        return rise
+    if baseline == "controls":
+        return rise - shifts[list(DIFF_CONTROLS)].max(axis=1)
+    raise ValueError(f"diff_baseline {baseline!r}: expected 'controls' or 'original'")
+
+
+def persona(cfg: Config) -> dict:
+    """The study's persona latent: over every SAE of the ensemble, the latent with the highest
+    diffing score (``diffing_score``). No character label is used. Returns ``{"sae": member,
+    "latent": index, "score": ..., "members": [each SAE's own top latent and score]}``."""
+
+    def compute():
+        names = finetune_names(cfg)
+        return pick_persona([diffing_score(latent_shifts(cfg, names, member=m), cfg.diff_baseline)
+                             for m in range(cfg.sae_seeds)])
+
+    return Step(cfg, S05).cached_json("persona.json", compute)
+
+
+def pick_persona(scores: list[pd.Series]) -> dict:
+    """Each SAE's top latent by its scores (``scores[m]``, one per latent), and over all SAEs
+    the one with the highest score (the first SAE on a tie)."""
+    rows = []
+    for m, score in enumerate(scores):
+        top = int(np.argmax(score.to_numpy()))
+        rows.append({"sae": m, "latent": top, "score": float(score.iloc[top])})
+    best = max(rows, key=lambda r: r["score"])
+    return {**best, "members": rows}
+
+
+def persona_table(cfg: Config) -> pd.DataFrame:
+    """Each SAE of the ensemble: its stats and its own top latent by the diffing score."""
+    p = persona(cfg)
+    rows = [{**r, **{k: sae_stats_of(cfg, r["sae"])[k] for k in ("fvu", "dead_fraction")},
+             "chosen": r["sae"] == p["sae"]} for r in p["members"]]
+    return pd.DataFrame(rows).set_index("sae")
 
 
 def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int = 10) -> dict:
@@ -793,9 +883,8 @@ def latent_by_character(cfg: Config, latent: int, acts: list[torch.Tensor]) -> p
 
 
 def persona_latent(cfg: Config) -> int:
-    """The study's persona latent: the top latent of model diffing on incorrect_obvious."""
-    shifts = latent_shifts(cfg, finetune_names(cfg))
-    return int(np.argmax(shifts["incorrect_obvious"].to_numpy()))
+    """The study's persona latent (an index into ``read_sae(cfg)``): see ``persona``."""
+    return int(persona(cfg)["latent"])
 
 
 # ----------------------------------------------------------------------------- 06
