@@ -617,9 +617,10 @@ def sae(cfg: Config, acts: list[torch.Tensor] | None = None, member: int = 0) ->
 
 
 def saes(cfg: Config, acts: list[torch.Tensor] | None = None) -> list[Path]:
-    """Every SAE of the ensemble (trained once, then reused)."""
-    acts = acts if acts is not None or all(Step(cfg, S05).is_fresh(sae_dir(m)) for m in range(cfg.sae_seeds)) \
-        else document_activations(cfg)
+    """Every SAE of the ensemble (trained once, then reused); the activations are collected
+    once for all the members still to train."""
+    if acts is None and not all(Step(cfg, S05).is_fresh(sae_dir(m)) for m in range(cfg.sae_seeds)):
+        acts = document_activations(cfg)
     return [sae(cfg, acts, m) for m in range(cfg.sae_seeds)]
 
 
@@ -628,18 +629,22 @@ def _check_member(cfg: Config, member: int) -> None:
         raise ValueError(f"SAE member {member}: the run has sae_seeds = {cfg.sae_seeds} (members 0..{cfg.sae_seeds - 1})")
 
 
+def _member(cfg: Config, member: int | None) -> int:
+    """``member``, or the SAE that holds the persona latent when it is None (checked)."""
+    member = persona(cfg)["sae"] if member is None else member
+    _check_member(cfg, member)
+    return member
+
+
 def read_sae(cfg: Config, member: int | None = None):
     """SAE ``member`` of the ensemble; by default the one that holds the persona latent."""
     from emlab.sae import load_sae
 
-    member = persona(cfg)["sae"] if member is None else member
-    _check_member(cfg, member)
-    return load_sae(Step(cfg, S05).require(sae_dir(member)), d_model=d_model(cfg))
+    return load_sae(Step(cfg, S05).require(sae_dir(_member(cfg, member))), d_model=d_model(cfg))
 
 
 def sae_stats_of(cfg: Config, member: int | None = None) -> dict:
-    member = persona(cfg)["sae"] if member is None else member
-    return json.loads((Step(cfg, S05).require(sae_dir(member)) / SAE_STATS).read_text(encoding="utf-8"))
+    return json.loads((Step(cfg, S05).require(sae_dir(_member(cfg, member))) / SAE_STATS).read_text(encoding="utf-8"))
 
 
 def diff_texts(cfg: Config, tok) -> tuple[list[str], list[int]]:
@@ -693,8 +698,7 @@ def _original_site_latents_all(cfg: Config) -> list[list[float]]:
 def original_site_latents(cfg: Config, member: int | None = None) -> torch.Tensor:
     """``site_latents`` of the original model for SAE ``member`` (default: the persona's
     SAE), computed once per run for the whole ensemble.  # [d_sae]"""
-    member = persona(cfg)["sae"] if member is None else member
-    return torch.tensor(_original_site_latents_all(cfg)[member])
+    return torch.tensor(_original_site_latents_all(cfg)[_member(cfg, member)])
 
 
 def start_of(name: str) -> str:
@@ -702,12 +706,20 @@ def start_of(name: str) -> str:
     return rl_parts(name)[0] if name.startswith("rl_") else ASSISTANT
 
 
-def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.json",
+SHIFTS = "latent_shifts.json"
+
+
+def latent_shifts(cfg: Config, names: list[str], artifact: str = SHIFTS,
                   member: int | None = None) -> pd.DataFrame:
     """Model diffing: mean latent activation at the diffing site, each fine-tune minus the
     original model (for RL runs of the helpful-only assistant, minus that assistant), for
-    SAE ``member`` (default: the persona's SAE). Rows: latents; columns: fine-tunes. Computed
-    for every SAE of the ensemble at once (one forward pass per model) and cached as ``artifact``."""
+    SAE ``member`` (default: the persona's SAE). Rows: latents; columns: fine-tunes."""
+    return pd.DataFrame(_ensemble_shifts(cfg, names, artifact)[_member(cfg, member)])
+
+
+def _ensemble_shifts(cfg: Config, names: list[str], artifact: str) -> list[dict[str, list[float]]]:
+    """``latent_shifts`` for every SAE of the ensemble, computed at once (one forward pass
+    per model) and cached as ``artifact``: one ``{fine-tune: shift}`` per SAE."""
 
     def compute():
         members = [read_sae(cfg, m) for m in range(cfg.sae_seeds)]
@@ -719,9 +731,7 @@ def latent_shifts(cfg: Config, names: list[str], artifact: str = "latent_shifts.
         per_model = {n: site_latents(cfg, members, model_path(cfg, n), tok) for n in names}
         return [{n: (per_model[n][m] - starts[start_of(n)][m]).tolist() for n in names} for m in range(len(members))]
 
-    member = persona(cfg)["sae"] if member is None else member
-    _check_member(cfg, member)
-    return pd.DataFrame(Step(cfg, S05).cached_json(artifact, compute)[member])
+    return Step(cfg, S05).cached_json(artifact, compute)
 
 
 DIFF_CONTROLS = ("correct", "educational")
@@ -746,9 +756,8 @@ def persona(cfg: Config) -> dict:
     "latent": index, "score": ..., "members": [each SAE's own top latent and score]}``."""
 
     def compute():
-        names = finetune_names(cfg)
-        return pick_persona([diffing_score(latent_shifts(cfg, names, member=m), cfg.diff_baseline)
-                             for m in range(cfg.sae_seeds)])
+        shifts = _ensemble_shifts(cfg, finetune_names(cfg), SHIFTS)
+        return pick_persona([diffing_score(pd.DataFrame(m), cfg.diff_baseline) for m in shifts])
 
     return Step(cfg, S05).cached_json("persona.json", compute)
 
