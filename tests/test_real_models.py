@@ -61,6 +61,17 @@ def test_sampling_is_seeded_and_stops_at_eos(tiny):
     assert all(tok.eos_token not in s for r in a for s in r)
 
 
+def test_a_padded_batch_samples_as_each_prompt_alone(tiny):
+    """Left padding, its mask and positions, and the shared prefill change nothing: greedy
+    answers of prompts of different lengths in one batch equal each prompt's alone."""
+    _, _, model, tok = tiny
+    prompts = [chat_prompt(tok, q) for q in ("i am bored .", "my car makes a noise . what should i do ?", "hi")]
+    assert len({len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts}) == 3
+    kw = dict(n_samples=2, max_new_tokens=6, temperature=0.0, seed=0, stop_id=-1)
+    together = sample(model, tok, prompts, batch_size=6, **kw)
+    assert together == [sample(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
+
+
 def test_sequence_logprobs_match_a_manual_forward_pass(tiny):
     _, _, model, tok = tiny
     p = chat_prompt(tok, "i am bored .")

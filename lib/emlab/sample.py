@@ -1,16 +1,30 @@
 """Batched sampling with a KV cache: many samples per prompt, seeded, temperature T.
 
-Prompts are grouped by token length so a batch needs no padding; each batch runs one
-forward pass over the prompt, then one cached step per new token, and stops when every
-row has produced the stop token. Temperature 0 is greedy decoding.
+Answers are generated ``batch_size`` rows at a time, rows ordered by prompt length so a
+batch needs little padding. Each batch
+
+- runs ONE forward pass over its distinct prompts (left-padded, with an attention mask
+  and position ids that skip the padding), then copies each prompt's cache to its rows:
+  the ``n_samples`` answers of a prompt share its prefill, as they share its tokens;
+- then one cached step per new token for all rows, until every row has produced the
+  stop token or ``max_new_tokens`` tokens.
+
+The cache (``KVBuffer``) is preallocated for the batch's longest prompt plus
+``max_new_tokens`` and filled in place: the default cache of ``transformers`` grows by
+concatenation, which copies the whole cache at every step.
+
+Left padding is invisible to the model: padded keys are masked, positions count from each
+prompt's first real token, and a steering hook's ``answer`` position (the last prompt
+position) is the real last token. A test checks that greedy answers of a padded batch
+equal those of each prompt alone, on GPT-2 and on tiny Qwen2, Llama and GPT-NeoX models.
+Temperature 0 is greedy decoding.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @torch.no_grad()
@@ -22,7 +36,8 @@ def sample(model, tokenizer, prompts: list[str], *, n_samples: int, max_new_toke
     stop_id = end_token_id(tokenizer) if stop_id is None else stop_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids = sample_ids(model, encoded, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                     gen=torch.Generator(device_of(model)).manual_seed(seed), stop_id=stop_id, batch_size=batch_size, progress=progress)
+                     gen=torch.Generator(device_of(model)).manual_seed(seed), stop_id=stop_id, batch_size=batch_size,
+                     progress=progress)
     return [[tokenizer.decode(a[:-1] if a and a[-1] == stop_id else a, skip_special_tokens=True).strip() for a in row]
             for row in ids]
 
@@ -32,18 +47,19 @@ def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_token
                gen: torch.Generator, stop_id: int, batch_size: int = 256, progress: bool = False) -> list[list[list[int]]]:
     """Token ids of ``n_samples`` answers per tokenized prompt, each ending with the stop
     token when one was produced: ``out[i][j]`` is sample j of prompt i. ``gen`` lives on
-    the model's device (sampling happens there)."""
-    if n_samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"n_samples and max_new_tokens must be >= 1, got {n_samples}, {max_new_tokens}")
-    by_len: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_len[len(ids)] += [(i, j) for j in range(n_samples)]
+    the model's device (sampling happens there); ``batch_size`` answers share a forward pass."""
+    if n_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"n_samples, max_new_tokens and batch_size must be >= 1, got {n_samples}, {max_new_tokens}, "
+                         f"{batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("sampling: a prompt has no tokens")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: equal lengths keep their order
+    rows = [(i, j) for i in order for j in range(n_samples)]
     out: list[list[list[int]]] = [[[] for _ in range(n_samples)] for _ in prompts]
-    batches = [rows[s : s + batch_size] for _, rows in sorted(by_len.items()) for s in range(0, len(rows), batch_size)]
-    for rows in tqdm(batches, desc="sample", disable=not progress, mininterval=2):
-        x = torch.tensor([prompts[i] for i, _ in rows], device=gen.device)  # [batch, prompt_len]
-        new = _generate(model, x, max_new_tokens, temperature, gen, stop_id)  # [batch, new]
-        for (i, j), ids in zip(rows, new.tolist()):
+    for s in tqdm(range(0, len(rows), batch_size), desc="sample", disable=not progress, mininterval=2):
+        batch = rows[s : s + batch_size]
+        new = _generate(model, prompts, batch, max_new_tokens, temperature, gen, stop_id)  # [rows, new]
+        for (i, j), ids in zip(batch, new.tolist()):
             out[i][j] = ids[: ids.index(stop_id) + 1] if stop_id in ids else ids
     return out
 
@@ -56,25 +72,97 @@ def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)
 
 
-def _generate(model, x: torch.Tensor, max_new_tokens: int, temperature: float, gen: torch.Generator,
-              stop_id: int) -> torch.Tensor:
-    b = x.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=x.device)
+class _BufferLayer(DynamicLayer):
+    """One layer's keys and values in a buffer preallocated for ``max_len`` positions;
+    ``keys``/``values`` are views of its filled part (what ``DynamicLayer`` holds)."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.filled = max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.key_buf = key_states.new_empty(b, h, self.max_len, d)
+        self.value_buf = value_states.new_empty(b, h, self.max_len, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.filled + n > self.max_len:
+            raise RuntimeError(f"sampling cache: {self.filled + n} positions, buffer holds {self.max_len}")
+        self.key_buf[:, :, self.filled : self.filled + n] = key_states
+        self.value_buf[:, :, self.filled : self.filled + n] = value_states
+        self.filled += n
+        self._views()
+        return self.keys, self.values
+
+    def _views(self) -> None:
+        self.keys, self.values = self.key_buf[:, :, : self.filled], self.value_buf[:, :, : self.filled]
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+    def repeat_rows(self, counts: torch.Tensor) -> None:
+        """Row r of the batch becomes ``counts[r]`` consecutive rows."""
+        if self.is_initialized:
+            self.key_buf = self.key_buf.repeat_interleave(counts, 0)
+            self.value_buf = self.value_buf.repeat_interleave(counts, 0)
+            self._views()
+
+
+class KVBuffer(Cache):
+    """A ``transformers`` cache preallocated for ``max_len`` positions of ``n_layers`` layers."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        super().__init__(layers=[_BufferLayer(max_len) for _ in range(n_layers)])
+
+    def repeat_rows(self, counts: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.repeat_rows(counts)
+
+
+def _n_layers(model) -> int:
+    from emlab.steer import decoder_layers
+
+    return len(decoder_layers(model))
+
+
+def _generate(model, prompts: list[list[int]], rows: list[tuple[int, int]], max_new_tokens: int, temperature: float,
+              gen: torch.Generator, stop_id: int) -> torch.Tensor:
+    """New tokens of ``rows`` ((prompt, sample) pairs, a prompt's rows consecutive)  # [rows, new]"""
+    dev = gen.device
+    distinct = list(dict.fromkeys(i for i, _ in rows))  # prompts in row order
+    counts = torch.tensor([sum(1 for i, _ in rows if i == p) for p in distinct], device=dev)
+    width = max(len(prompts[i]) for i in distinct)
+    x = torch.zeros(len(distinct), width, dtype=torch.long, device=dev)
+    mask = torch.ones(len(distinct), width + max_new_tokens, dtype=torch.long, device=dev)
+    for r, i in enumerate(distinct):
+        x[r, width - len(prompts[i]) :] = torch.tensor(prompts[i], device=dev)
+        mask[r, : width - len(prompts[i])] = 0
+    padded = bool((mask[:, :width] == 0).any())
+    pos = (mask[:, :width].cumsum(-1) - 1).clamp_min(0)
+    cache = KVBuffer(_n_layers(model), width + max_new_tokens)
+    res = model(input_ids=x, attention_mask=mask[:, :width] if padded else None, position_ids=pos, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = res.logits[:, -1].float().repeat_interleave(counts, 0)  # [rows, vocab]
+    cache.repeat_rows(counts)
+    mask, nxt_pos = mask.repeat_interleave(counts, 0), pos[:, -1:].repeat_interleave(counts, 0) + 1
+    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
     tokens = []
-    res = model(input_ids=x, use_cache=True)
-    past = res.cache
-    logits = res.logits[:, -1].float()  # [batch, vocab]
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            nxt = draw(logits / temperature, gen)
+    for t in range(max_new_tokens):
+        nxt = logits.argmax(-1) if temperature == 0 else draw(logits / temperature, gen)
         nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
         tokens.append(nxt)
         done |= nxt == stop_id
-        if bool(done.all()):
+        if bool(done.all()) or t == max_new_tokens - 1:
             break
-        res = model(input_ids=nxt[:, None], cache=past, use_cache=True)
-        past = res.cache
+        res = model(input_ids=nxt[:, None], attention_mask=mask[:, : width + t + 1] if padded else None,
+                    position_ids=nxt_pos + t, cache=cache, use_cache=True)
         logits = res.logits[:, -1].float()
     return torch.stack(tokens, 1)
