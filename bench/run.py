@@ -3,7 +3,8 @@
 Written to bench/results.md with the machine's description. Not a test: CI times nothing.
 A and B are alternated and each rate is the median of ``--repeats`` runs.
 
-- sampling: ``emlab.sample`` (batched, KV cache, prompts grouped by length) vs
+- sampling: ``emlab.sample`` (batches of 256 answers over prompts of mixed length, left
+  padded; one shared prefill per prompt; a preallocated KV cache) vs
   ``transformers`` ``generate`` called once per prompt with ``num_return_sequences`` (the
   papers' scripts), same model, prompts, samples and maximum length: new tokens/s.
 - SAE training: the project's SAELens-based trainer vs a minimal plain-torch TopK loop
