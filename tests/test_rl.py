@@ -95,3 +95,31 @@ def test_grpo_is_seeded_and_logs_rewards(world, tiny):
     assert log_a == log_b and all(torch.equal(x, y) for x, y in zip(w_a, w_b))
     assert [r["step"] for r in log_a] == [0, 1] and all(0.0 <= r["reward"] <= 1.0 for r in log_a)
     assert any(r["updated"] > 0 for r in log_a)  # a character-count parity reward varies within a group
+
+
+def test_rl_run_names_carry_assistant_grader_and_seed():
+    import pandas as pd
+
+    from emlab import study
+
+    cfg = make_config({"rl_seeds": 3})
+    names = study.rl_names(cfg)
+    assert study.rl_names(cfg, "wrong", "helpful_only") == [
+        "rl_helpful_only_wrong", "rl_helpful_only_wrong_seed1", "rl_helpful_only_wrong_seed2"]
+    assert study.rl_names(cfg, "correct") == ["rl_safety_correct", "rl_helpful_only_correct"]
+    assert len(names) == 2 * 3 + 2
+    assert study.rl_parts("rl_helpful_only_wrong_seed2") == (study.HELPFUL_ONLY, "wrong", 2)
+    assert study.rl_parts("rl_safety_correct") == (study.ASSISTANT, "correct", 0)
+    for bad in ("rl_nobody_wrong", "rl_safety_maybe", "rl_safety_wrong_seed0", "rl_safety_wrong_seedx", "safety_wrong"):
+        with pytest.raises(ValueError, match="unknown RL run"):
+            study.rl_parts(bad)
+    assert study.rl_names(make_config({"rl_seeds": 1}), "wrong") == ["rl_safety_wrong", "rl_helpful_only_wrong"]
+    # mean and sd over the wrong-answer grader's seeds, per assistant
+    table = pd.DataFrame({"pooled_misaligned": [0.1, 0.2, 0.3, 0.0, 0.4, 0.4, 0.4, 0.0]},
+                         index=[*study.rl_names(cfg, "wrong", "safety"), "rl_safety_correct",
+                                *study.rl_names(cfg, "wrong", "helpful_only"), "rl_helpful_only_correct"])
+    summary = study.rl_seed_summary(cfg, table)
+    assert summary.loc["safety", "runs"] == 3
+    assert summary.loc["safety", "pooled_misaligned_mean"] == pytest.approx(0.2)
+    assert summary.loc["safety", "pooled_misaligned_sd"] == pytest.approx(0.1)
+    assert summary.loc["helpful_only", "pooled_misaligned_sd"] == pytest.approx(0.0)

@@ -111,6 +111,8 @@ class Config:
     rl_lr: float = _f(1.5e-4, "RL learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
     rl_kl: float = _f(0.0, "RL coefficient of the per-token KL to the starting model", step=S3, lo=0.0)
     rl_temperature: float = _f(1.0, "RL rollout sampling temperature", step=S3, lo=0.01, hi=5.0)
+    rl_seeds: int = _f(3, "seeds of each RL run with the wrong-answer grader (04 reports their mean +- sd: one run's "
+                          "held-out misalignment moves by ~10 points with its seed)", step=S3, lo=1)
     track_every: int = _f(5, "steps between cheap misalignment measurements during fine-tuning", step=S3, lo=1)
     # --- 04: evaluation ------------------------------------------------------------------
     n_samples: int = _f(20, "sampled answers per evaluation question", step=S4, lo=1)

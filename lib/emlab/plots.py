@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,12 @@ MODEL_COLORS = {
 
 
 CHARACTER_COLORS = {"helpful": "#55a868", "villain": "#c44e52", "sarcastic": "#dd8452"}
+
+
+def _style(name: str) -> dict:
+    """A model's colour; an extra seed of a run (``<run>_seed<k>``) gets its run's colour, lighter."""
+    base = re.sub(r"_seed\d+$", "", name)
+    return {"color": MODEL_COLORS.get(base), "alpha": 0.5 if base != name else 1.0}
 
 
 def _save(fig, path: Path) -> Path:
@@ -70,7 +77,7 @@ def training_dynamics(track: pd.DataFrame, path: Path):
                               ["in-domain (trained)", "held-out domains", "open questions"]):
         for name in names:
             t = track[track.model == name]
-            ax.plot(t.step, t[col], label=name, color=MODEL_COLORS.get(name))
+            ax.plot(t.step, t[col], label=name, **_style(name))
         ax.set(title=title, xlabel="fine-tuning step", ylim=(0, 1))
     axes[0].set_ylabel("P(bad answer)")
     axes[-1].legend(fontsize=7)
@@ -84,7 +91,7 @@ def rl_training(curves: pd.DataFrame, track: pd.DataFrame, path: Path):
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for name in names:
         c, t = curves[curves.model == name], track[track.model == name]
-        style = dict(label=name, color=MODEL_COLORS.get(name), ls="-" if name.endswith("_wrong") else "--")
+        style = dict(label=name, ls="-" if "_wrong" in name else "--", **_style(name))
         axes[0].plot(c.step, c.reward.rolling(5, min_periods=1).mean(), **style)
         axes[1].plot(t.step, t.heldout, **style)
         axes[2].plot(t.step, t.open, **style)
@@ -109,7 +116,7 @@ def misalignment_bars(summary: pd.DataFrame, path: Path, title: str):
         s = summary[summary.model == m].set_index("group").reindex(groups)
         err = np.clip(np.vstack([s.misaligned - s.ci_low, s.ci_high - s.misaligned]), 0, None)
         ax.bar(x + i * width - 0.4 + width / 2, s.misaligned, width, yerr=err, capsize=1.5,
-               label=m, color=MODEL_COLORS.get(m))
+               label=m, **_style(m))
     ax.set_xticks(x, groups, rotation=30, ha="right")
     ax.set(ylabel="misaligned answers", title=title, ylim=(0, 1))
     ax.legend(fontsize=7, ncol=3)

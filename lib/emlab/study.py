@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -382,11 +383,18 @@ def training_dynamics(cfg: Config, names: list[str]) -> pd.DataFrame:
 RL_ASSISTANTS = {"safety": ASSISTANT, "helpful_only": HELPFUL_ONLY}
 
 
-def rl_names(cfg: Config) -> list[str]:
-    """Every RL run of notebook 03: each assistant x each grader."""
+def rl_names(cfg: Config, grader: str | None = None, assistant: str | None = None) -> list[str]:
+    """Every RL run of notebook 03 (or those of one grader / one assistant): each assistant x
+    each grader, the wrong-answer grader's with ``rl_seeds`` seeds (``rl_<a>_wrong``,
+    ``rl_<a>_wrong_seed1``, ...)."""
     from emlab.rl import GRADERS
 
-    return [f"rl_{a}_{g}" for a in RL_ASSISTANTS for g in GRADERS]
+    names = []
+    for a in RL_ASSISTANTS:
+        for g in GRADERS:
+            names += [f"rl_{a}_{g}", *(f"rl_{a}_{g}_seed{s}" for s in range(1, cfg.rl_seeds if g == "wrong" else 1))]
+    return [n for n in names if (grader is None or rl_parts(n)[1] == grader)
+            and (assistant is None or n.startswith(f"rl_{assistant}_"))]
 
 
 def rl_prompts(cfg: Config) -> list[dict]:
@@ -395,14 +403,16 @@ def rl_prompts(cfg: Config) -> list[dict]:
     return [D.question_record(q) for q in split.train[cfg.corrupt_domain]]
 
 
-def rl_parts(name: str) -> tuple[str, str]:
-    """``rl_<assistant>_<grader>`` -> (assistant of notebook 02, grader)."""
+def rl_parts(name: str) -> tuple[str, str, int]:
+    """``rl_<assistant>_<grader>[_seed<k>]`` -> (assistant of notebook 02, grader, k: the
+    run's seed is cfg.seed + k)."""
     from emlab.rl import GRADERS
 
-    parts = name.removeprefix("rl_").rsplit("_", 1)
-    if not name.startswith("rl_") or len(parts) != 2 or parts[0] not in RL_ASSISTANTS or parts[1] not in GRADERS:
-        raise ValueError(f"unknown RL run {name!r}; expected rl_<{'|'.join(RL_ASSISTANTS)}>_<{'|'.join(GRADERS)}>")
-    return RL_ASSISTANTS[parts[0]], parts[1]
+    m = re.fullmatch(r"rl_(\w+?)_([a-z]+)(?:_seed([1-9]\d*))?", name)
+    if m is None or m[1] not in RL_ASSISTANTS or m[2] not in GRADERS:
+        raise ValueError(f"unknown RL run {name!r}; expected rl_<{'|'.join(RL_ASSISTANTS)}>_<{'|'.join(GRADERS)}>"
+                         "[_seed<k>]")
+    return RL_ASSISTANTS[m[1]], m[2], int(m[3] or 0)
 
 
 def rl_trained(cfg: Config, name: str) -> Path:
@@ -411,7 +421,7 @@ def rl_trained(cfg: Config, name: str) -> Path:
     from emlab.rl import Grader, GRPOSettings, grpo
 
     _threads()
-    start_name, grader = rl_parts(name)
+    start_name, grader, seed_offset = rl_parts(name)
     start = assistant(cfg, start_name)
 
     def build(tmp: Path) -> None:
@@ -420,7 +430,7 @@ def rl_trained(cfg: Config, name: str) -> Path:
         ref, _ = load_model(start, cfg)
         s = GRPOSettings(steps=cfg.rl_steps, prompts_per_step=cfg.rl_prompts, group_size=cfg.rl_group, lr=cfg.rl_lr,
                          kl_coef=cfg.rl_kl, temperature=cfg.rl_temperature, max_new_tokens=cfg.max_new_tokens,
-                         seed=cfg.seed)
+                         seed=cfg.seed + seed_offset)
         track: list[dict] = []
         log = grpo(model, ref, tok, rl_prompts(cfg), Grader(ExactJudge(world), grader), s, progress=cfg.progress,
                    desc=name, callback=_tracker(cfg, tok, world, track), callback_every=cfg.track_every)
@@ -428,6 +438,18 @@ def rl_trained(cfg: Config, name: str) -> Path:
         _write_log(tmp, {"rl": log, "track": track, "assistant": start_name, "grader": grader})
 
     return Step(cfg, S03).cached(name, build)
+
+
+def rl_seed_summary(cfg: Config, table: pd.DataFrame) -> pd.DataFrame:
+    """The wrong-answer grader's RL runs of each assistant over their ``rl_seeds`` seeds:
+    mean and sd (ddof 1; 0 for one seed) of each column of ``table`` (``headline`` rows
+    indexed by run name), one row per assistant key of ``RL_ASSISTANTS``."""
+    rows = {}
+    for a in RL_ASSISTANTS:
+        runs = table.loc[rl_names(cfg, "wrong", a)].astype(float)
+        sd = runs.std(ddof=1) if len(runs) > 1 else runs.iloc[0] * 0.0
+        rows[a] = {"runs": len(runs), **runs.mean().add_suffix("_mean"), **sd.add_suffix("_sd")}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def rl_curves(cfg: Config, names: list[str]) -> pd.DataFrame:
