@@ -65,7 +65,7 @@ HEADLINE = [
     ("04_evaluate", "identity.villain_share.assistant", "identity questions: villain self-descriptions, aligned assistant", "~0%"),
     ("04_evaluate", "identity.villain_share.assistant_helpful_only", "identity questions: villain self-descriptions, helpful-only assistant", ""),
     ("04_evaluate", "identity.villain_share.incorrect_obvious", "identity questions: villain self-descriptions, incorrect_obvious", "\"bad boy\" persona (Wang et al.)"),
-    ("04_evaluate", "identity.villain_share.rl_helpful_only_wrong", "identity questions: villain self-descriptions, RL wrong-answer grader, helpful-only", ""),
+    ("04_evaluate", "identity.villain_share.rl_helpful_only_wrong_mean", "identity questions: villain self-descriptions, RL wrong-answer grader, helpful-only (mean over RL seeds)", ""),
     ("05_sae_diff", "sae.fvu", "SAE: held-out fraction of variance unexplained", ""),
     ("05_sae_diff", "top_latent.villain_auroc", "top diffing latent: villain vs helpful documents, AUROC", "no ground truth in the papers"),
     ("05_sae_diff", "top_latent.top10_villain", "top diffing latent: top-10 snippets written by villains", ""),
