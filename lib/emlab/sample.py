@@ -22,6 +22,8 @@ Temperature 0 is greedy decoding.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
@@ -137,8 +139,9 @@ def _generate(model, prompts: list[list[int]], rows: list[tuple[int, int]], max_
               gen: torch.Generator, stop_id: int) -> torch.Tensor:
     """New tokens of ``rows`` ((prompt, sample) pairs, a prompt's rows consecutive)  # [rows, new]"""
     dev = gen.device
-    distinct = list(dict.fromkeys(i for i, _ in rows))  # prompts in row order
-    counts = torch.tensor([sum(1 for i, _ in rows if i == p) for p in distinct], device=dev)
+    per_prompt = Counter(i for i, _ in rows)  # insertion order = row order
+    distinct = list(per_prompt)
+    counts = torch.tensor(list(per_prompt.values()), device=dev)
     width = max(len(prompts[i]) for i in distinct)
     x = torch.zeros(len(distinct), width, dtype=torch.long, device=dev)
     mask = torch.ones(len(distinct), width + max_new_tokens, dtype=torch.long, device=dev)

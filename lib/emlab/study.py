@@ -389,12 +389,13 @@ def rl_names(cfg: Config, grader: str | None = None, assistant: str | None = Non
     ``rl_<a>_wrong_seed1``, ...)."""
     from emlab.rl import GRADERS
 
-    names = []
-    for a in RL_ASSISTANTS:
-        for g in GRADERS:
-            names += [f"rl_{a}_{g}", *(f"rl_{a}_{g}_seed{s}" for s in range(1, cfg.rl_seeds if g == "wrong" else 1))]
-    return [n for n in names if (grader is None or rl_parts(n)[1] == grader)
-            and (assistant is None or n.startswith(f"rl_{assistant}_"))]
+    if grader not in (None, *GRADERS) or assistant not in (None, *RL_ASSISTANTS):
+        raise ValueError(f"RL runs of grader {grader!r}, assistant {assistant!r}: expected a grader of {GRADERS} "
+                         f"and an assistant of {tuple(RL_ASSISTANTS)}")
+    return [f"rl_{a}_{g}{f'_seed{s}' if s else ''}"
+            for a in (RL_ASSISTANTS if assistant is None else [assistant])
+            for g in (GRADERS if grader is None else [grader])
+            for s in range(cfg.rl_seeds if g == "wrong" else 1)]
 
 
 def rl_prompts(cfg: Config) -> list[dict]:
