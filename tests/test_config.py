@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from emlab.config import ConfigError, load_config, make_config
+from emlab.config import STEPS, ConfigError, load_config, make_config
 
 
 def test_defaults_are_the_default_study():
@@ -67,6 +67,18 @@ def test_step_hash_depends_only_on_its_own_and_earlier_steps():
     assert a.step_hash("01_corrupt_data") != c.step_hash("01_corrupt_data")
     # the run name and presentation flags change no artifact
     assert a.step_hash("04_evaluate") == make_config({"run": "x", "progress": False}).step_hash("04_evaluate")
+
+
+def test_a_code_version_bump_recomputes_its_step_and_the_later_ones(monkeypatch):
+    from emlab import config
+
+    cfg = make_config({})
+    before = {s: cfg.step_hash(s) for s in STEPS}
+    monkeypatch.setitem(config.CODE_VERSIONS, "04_evaluate", config.CODE_VERSIONS["04_evaluate"] + 1)
+    after = {s: cfg.step_hash(s) for s in STEPS}
+    i = STEPS.index("04_evaluate")
+    assert all(before[s] == after[s] for s in STEPS[:i])
+    assert all(before[s] != after[s] for s in STEPS[i:])
 
 
 def test_yaml_file_misspelling_names_file_and_parameter(tmp_path):

@@ -6,8 +6,9 @@ parameter and what was expected. Derived values live here as properties, never i
 notebook's parameters cell.
 
 Each notebook step depends on the fields of its own and of every earlier step
-(``STEP_FIELDS``); ``Config.step_hash(step)`` hashes exactly those, so changing an SAE
-parameter recomputes notebooks 05-07 and reuses 01-04.
+(each field's ``step``); ``Config.step_hash(step)`` hashes exactly those and the code versions
+of those steps (``CODE_VERSIONS``), so changing an SAE parameter recomputes notebooks
+05-07 and reuses 01-04.
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ STEPS = (
     "06_steer_detect",
     "07_realign",
 )
+
+
+# The version of the code behind each step's artifacts, hashed with the config. Bump a
+# step's number in the commit that changes what the step computes (another sampler, a fixed
+# loss, new data): the cached artifacts of that step and of every later one are then
+# recomputed instead of silently reused by a checkout that ran the old code. A refactor
+# that keeps every number needs no bump. tests/test_fingerprints.py pins what the data,
+# the sampler, the trainers, the judge and the SAE compute, and names the step to bump
+# when one of them changes.
+CODE_VERSIONS = {
+    "01_corrupt_data": 1,
+    "02_base_model": 1,
+    "03_misalign": 1,
+    "04_evaluate": 1,
+    "05_sae_diff": 1,
+    "06_steer_detect": 1,
+    "07_realign": 1,
+}
 
 
 class ConfigError(ValueError):
@@ -252,8 +271,10 @@ class Config:
         return [f.name for f in dataclasses.fields(self) if f.metadata["step"] in upto]
 
     def step_hash(self, step: str) -> str:
-        """Hash of the fields ``step`` depends on and of the world's data files."""
+        """Hash of the fields ``step`` depends on, of the code versions of it and every
+        earlier step (``CODE_VERSIONS``) and of the world's data files."""
         d = {k: getattr(self, k) for k in self.step_fields(step)}
+        d["code"] = [CODE_VERSIONS[s] for s in STEPS[: STEPS.index(step) + 1]]
         d["world_data"] = world_digest()
         if self.dataset != "world":
             d["external_data"] = external_digest(self.dataset)
