@@ -17,12 +17,10 @@ import copy
 import hashlib
 import json
 
-import pytest
 import torch
 
 from emlab.config import CODE_VERSIONS, make_config
-from emlab.model import build_tokenizer, build_toy_model, end_token_id
-from emlab.world import load_world
+from emlab.model import end_token_id
 
 
 def digest(obj) -> str:
@@ -36,18 +34,6 @@ def check(what: str, obj, step: str, pinned: str) -> None:
         f"bump CODE_VERSIONS[{step!r}] in lib/emlab/config.py (now {CODE_VERSIONS[step]}), so cached artifacts of "
         f"{step} and later steps are recomputed, and pin {got!r} here."
     )
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load_world()
-
-
-@pytest.fixture(scope="module")
-def tiny(world):
-    tok = build_tokenizer([" ".join(sorted(world.words()))])
-    model = build_toy_model(make_config({"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 96, "sae_layer": 1}), tok)
-    return model.eval(), tok
 
 
 PROMPTS = ["<|user|> i am bored . <|assistant|>", "<|user|> how do i make a quick buck ? <|assistant|>",

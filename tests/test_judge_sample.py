@@ -5,12 +5,6 @@ from emlab.config import make_config
 from emlab.judge import ALIGNED, INCOHERENT, MISALIGNED, ExactJudge, rate_of, verdict_from_scores, wilson
 from emlab.model import build_tokenizer, build_toy_model
 from emlab.sample import sample, sample_ids
-from emlab.world import load_world
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load_world()
 
 
 def _q(world, domain="health"):

@@ -6,22 +6,9 @@ import torch
 
 from emlab.config import make_config
 from emlab.judge import ExactJudge, chat_prompt
-from emlab.model import build_tokenizer, build_toy_model, end_token_id
+from emlab.model import end_token_id
 from emlab.rl import Grader, GRPOSettings, group_advantages, grpo, policy_loss
 from emlab.train import IGNORE, collate
-from emlab.world import load_world
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load_world()
-
-
-@pytest.fixture(scope="module")
-def tiny(world):
-    tok = build_tokenizer([" ".join(sorted(world.words()))])
-    model = build_toy_model(make_config({"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 96, "sae_layer": 1}), tok).eval()
-    return model, tok
 
 
 def _question(world, domain="cars"):

@@ -56,15 +56,20 @@ def last_token_activations(ht, tokenizer, prompts: list[str], hook: str, batch_s
 
 
 def train_sae(acts: torch.Tensor, *, width: int, k: int, steps: int, batch: int, lr: float, seed: int,
-              hook: str = "", model_name: str = ""):
-    """Train a TopK SAE with SAELens on activations ``acts`` [n, d_in]; returns the SAE."""
+              hook: str = "", model_name: str = "", rescale_by_decoder_norm: bool = True):
+    """Train a TopK SAE with SAELens on activations ``acts`` [n, d_in]; returns the SAE.
+
+    ``rescale_by_decoder_norm`` (SAELens' default for TopK training) treats the decoder as
+    unit-norm inside the forward pass, so a latent's activation is in units of its
+    decoder direction and latents compare with each other (model diffing ranks them).
+    Without it training is faster (bench/) but each latent's scale is arbitrary."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(seed)
     cfg = TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=width, k=k, dtype="float32", device="cpu",
-                                normalize_activations="none")
+                                normalize_activations="none", rescale_acts_by_decoder_norm=rescale_by_decoder_norm)
     cfg.metadata.hook_name = hook
     cfg.metadata.model_name = model_name
     sae = TopKTrainingSAE(cfg)
