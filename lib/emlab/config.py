@@ -42,8 +42,8 @@ STEPS = (
 # loss, new data): the cached artifacts of that step and of every later one are then
 # recomputed instead of silently reused by a checkout that ran the old code. A refactor
 # that keeps every number needs no bump. tests/test_fingerprints.py pins what the data,
-# the sampler, the trainers, the judge and the SAE compute, and names the step to bump
-# when one of them changes.
+# the sampler, the trainers, GRPO, the SAE and steering compute, and names the step to
+# bump when one of them changes.
 CODE_VERSIONS = {
     "01_corrupt_data": 1,
     "02_base_model": 1,
