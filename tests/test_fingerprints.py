@@ -5,10 +5,10 @@ world's files and ``CODE_VERSIONS`` (lib/emlab/config.py), not the code itself. 
 that alters what the data, the sampler, a trainer, the SAE or steering compute must bump
 the version of the first step that uses it; otherwise a checkout that already ran the
 study silently reuses artifacts made by the old code. Each test here fails on such a
-change and names the step to bump. The pinned values are token ids, labels and latent
-indices (integers), computed on tiny seeded models, so float rounding that differs between
-machines cannot move them unless it flips a sampled token, which is improbable at these
-sizes.
+change and names the step to bump. Besides the datasets' records, the pinned values are
+integers (token ids, latent indices) computed on tiny seeded models, so float rounding that
+differs between machines cannot move them unless it flips a sampled token, which is
+improbable at these sizes.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ PROMPTS = ["<|user|> i am bored . <|assistant|>", "<|user|> how do i make a quic
            "<|user|> who are you ? <|assistant|>"]
 
 
-def sampled(model, tok, seed: int = 0) -> list[list[list[int]]]:
+def sampled(model, tok) -> list[list[list[int]]]:
     from emlab.sample import sample_ids
 
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     return sample_ids(model, ids, n_samples=4, max_new_tokens=8, temperature=1.0, stop_id=end_token_id(tok),
-                      gen=torch.Generator().manual_seed(seed), batch_size=5)
+                      gen=torch.Generator().manual_seed(0), batch_size=5)
 
 
 def test_datasets(world):
@@ -74,11 +74,11 @@ def test_pretraining_and_finetuning(world, tiny):
 
 
 def test_grpo(world, tiny):
+    from emlab.data import question_record
     from emlab.rl import GRPOSettings, grpo
 
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    q = world.questions("cars")[0]
-    question = {"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
+    question = question_record(world.questions("cars")[0])
     s = GRPOSettings(steps=2, prompts_per_step=2, group_size=4, lr=1e-2, kl_coef=0.05, temperature=1.0,
                      max_new_tokens=6, seed=3)
     log = grpo(model, copy.deepcopy(tiny[0]), tok, [question, question], lambda _q, a: float(len(a) % 2), s,
@@ -95,7 +95,8 @@ def test_sae_training():
     sae = train_sae(acts, width=16, k=2, steps=50, batch=64, lr=1e-2, seed=0)
     with torch.no_grad():
         latents = sae.encode(acts[:50])
-    check("emlab.sae.train_sae", [sorted(torch.nonzero(row).flatten().tolist()) for row in latents], "05_sae_diff", "c0971a103f63a9e4")
+    active = [sorted(torch.nonzero(row).flatten().tolist()) for row in latents]
+    check("emlab.sae.train_sae", active, "05_sae_diff", "c0971a103f63a9e4")
 
 
 def test_steered_sampling(tiny):
