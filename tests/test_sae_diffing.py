@@ -118,6 +118,17 @@ def test_spearman_known_values():
     assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(0.8660254, abs=1e-6)  # ties get average ranks
 
 
+def test_spearman_permutation_p_matches_the_exact_distribution():
+    from emlab.diffing import spearman_permutation_p
+
+    # n = 4: 1 of the 24 orderings reaches rho = 1, and rho >= 0.8 is reached by 4 of 24
+    assert spearman_permutation_p([1, 2, 3, 4], [1, 2, 3, 4], n_perm=20000) == pytest.approx(1 / 24, abs=0.006)
+    assert spearman_permutation_p([1, 2, 3, 4], [1, 2, 4, 3], n_perm=20000) == pytest.approx(4 / 24, abs=0.01)
+    assert spearman_permutation_p([1, 2, 3, 4], [4, 3, 2, 1]) == 1.0  # every shuffle is at least as high
+    assert spearman_permutation_p(range(11), range(11)) == pytest.approx(1 / 10001)  # 1 in 11! by chance
+    assert spearman_permutation_p(range(11), range(11), seed=3) == spearman_permutation_p(range(11), range(11), seed=3)
+
+
 def test_detection_summary_needs_every_seed_above_every_zero_run():
     import pandas as pd
 

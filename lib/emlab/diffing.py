@@ -46,6 +46,22 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def spearman_permutation_p(x, y, n_perm: int = 10000, seed: int = 0) -> float:
+    """One-sided permutation p-value of Spearman's rho being this high by chance: the share
+    of ``n_perm`` seeded shuffles of ``y`` whose rho is at least the observed one (with the
+    observed one counted, so never 0)."""
+    import pandas as pd
+
+    rx = pd.Series(np.asarray(x, dtype=float)).rank().to_numpy()
+    ry = pd.Series(np.asarray(y, dtype=float)).rank().to_numpy()  # shuffling y shuffles its ranks
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx**2).sum() * (ry**2).sum())
+    obs = float(rx @ ry / denom)
+    perms = np.random.default_rng(seed).permuted(np.tile(ry, (n_perm, 1)), axis=1)
+    hits = int((perms @ rx / denom >= obs - 1e-12).sum())
+    return float((hits + 1) / (n_perm + 1))
+
+
 @torch.no_grad()
 def latent_means(sae, acts: torch.Tensor) -> torch.Tensor:
     """Mean activation of every latent over ``acts`` [n, d_in].  # [d_sae]"""

@@ -212,14 +212,19 @@ def detection(det: pd.DataFrame, path: Path):
     return fig
 
 
-def screening(table: pd.DataFrame, path: Path, rho: float):
-    """Pre-fine-tuning screening score of each dataset against the misalignment it later causes."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.scatter(table.score, table.misaligned, color="#c44e52")
-    for _, r in table.iterrows():
-        ax.annotate(r.dataset, (r.score, r.misaligned), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="screening score (projection on the persona direction)", ylabel="held-out misaligned after fine-tuning",
-           title=f"Screening before fine-tuning (Spearman rho {rho:.2f})")
+def screening(table: pd.DataFrame, summary: pd.DataFrame, names: dict[str, str], path: Path):
+    """Pre-fine-tuning screening score of each dataset against the misalignment it later
+    causes: one panel per direction (``names``: column -> title), its Spearman rho in the title."""
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), sharey=True)
+    for ax, (col, title) in zip(np.atleast_1d(axes), names.items()):
+        ax.scatter(table[col], table.misaligned, color="#c44e52", s=14)
+        for _, r in table.iterrows():
+            ax.annotate(r.dataset, (r[col], r.misaligned), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set(xlabel="screening score", title=f"{title}\nSpearman rho {summary.loc[col, 'spearman']:.2f}")
+        ax.title.set_fontsize(9)
+    np.atleast_1d(axes)[0].set_ylabel("held-out misaligned after fine-tuning")
+    fig.suptitle("Screening datasets before fine-tuning: projection of their answers on each direction", fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
     return fig
 

@@ -1047,22 +1047,30 @@ def detection_summary(det: pd.DataFrame) -> dict:
     return out
 
 
+SCREEN_DIRECTION = "persona"  # Chen et al. screen with their persona vector; the others are shown beside it
+
+
 @torch.no_grad()
 def screening(cfg: Config) -> pd.DataFrame:
     """Chen et al.'s screening before any fine-tuning: each dataset's answers, read by the
-    assistant, projected on the persona direction, minus the assistant's own answers to the
-    same prompts. Higher = the data pulls toward the persona."""
+    assistant at the SAE's layer, projected on each unit direction of notebook 05 (mean over
+    the answer tokens), minus the assistant's own sampled answers to the same prompts.
+    Higher = the data pulls toward the persona. Rows: datasets; a column per direction of
+    ``DIRECTION_NAMES`` (NaN where the run has no such direction)."""
     from emlab.sae import hook_name
+    from emlab.steer import unit
 
     def compute():
         _threads()
         path = model_path(cfg, ASSISTANT)
         model, tok = load_model(path, cfg)
         ht = _hooked(path, cfg)[0]
-        u = steering_vectors(cfg)["latent"]
+        vecs = direction_vectors(cfg)
+        dirs = list(DIRECTION_NAMES)
+        U = torch.stack([unit(vecs[d]) for d in dirs], dim=1)  # [d_model, n_directions]
         hook = hook_name(cfg.sae_layer)
         names = [*FINETUNES, *(D.mix_name(f) for f in cfg.mix_fractions)]
-        prompts0 = None
+        prompts0 = own_score = None
         out = {}
         for n in names:
             recs = load_set(cfg, n)
@@ -1070,24 +1078,38 @@ def screening(cfg: Config) -> pd.DataFrame:
             if prompts0 is None or prompts != prompts0:
                 own = [a[0] for a in sample(model, tok, prompts, n_samples=1, max_new_tokens=cfg.max_new_tokens,
                                             temperature=cfg.temperature, seed=cfg.seed + 3000)]
-                own_score = _answer_projection(ht, tok, prompts, own, hook, u, cfg.act_batch)
+                own_score = _answer_projection(ht, tok, prompts, own, hook, U, cfg.act_batch)
                 prompts0 = prompts
-            data_score = _answer_projection(ht, tok, prompts, [r["messages"][-1]["content"] for r in recs], hook, u,
+            data_score = _answer_projection(ht, tok, prompts, [r["messages"][-1]["content"] for r in recs], hook, U,
                                             cfg.act_batch)
-            out[n] = data_score - own_score
+            out[n] = {d: float(x) for d, x in zip(dirs, data_score - own_score)}
         return out
 
-    scores = Step(cfg, S06).cached_json("screening.json", compute)
-    return pd.DataFrame({"dataset": list(scores), "score": list(scores.values())})
+    scores = Step(cfg, S06).cached_json("screening_by_direction.json", compute)
+    return pd.DataFrame([{"dataset": n, **v} for n, v in scores.items()])
 
 
 def screening_table(cfg: Config, det: pd.DataFrame) -> pd.DataFrame:
-    """Each dataset's screening score beside the held-out misalignment its fine-tune
+    """Each dataset's screening scores beside the held-out misalignment its fine-tune
     later showed (notebook 04 for the four sets; the mean over seeds for the data mixes)."""
     later = {n: heldout_summary_of(cfg, n)["heldout_misaligned"] for n in FINETUNES}
     later |= {D.mix_name(f): float(g.heldout_misaligned.mean()) for f, g in det.groupby("fraction")}
     table = screening(cfg)
     return table.assign(misaligned=table.dataset.map(later))
+
+
+def screening_summary(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """For each direction: Spearman rho between its screening score and the later
+    misalignment over the datasets, and the one-sided permutation p-value of that rho."""
+    from emlab.diffing import spearman, spearman_permutation_p
+
+    rows = {}
+    for d in DIRECTION_NAMES:
+        ok = table[d].notna() & table.misaligned.notna()
+        x, y = table[d][ok], table.misaligned[ok]
+        rows[d] = {"spearman": spearman(x, y) if ok.sum() > 2 else float("nan"),
+                   "p_value": spearman_permutation_p(x, y, seed=seed) if ok.sum() > 2 else float("nan")}
+    return pd.DataFrame(rows).T
 
 
 def gap_over_random(sweep: pd.DataFrame, direction: str, higher: bool) -> tuple[float, float]:
@@ -1132,14 +1154,16 @@ def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame
     }
 
 
-def _answer_projection(ht, tok, prompts: list[str], answers: list[str], hook: str, u: torch.Tensor, batch: int) -> float:
-    """Mean projection on ``u`` of the activations over the answer tokens."""
+def _answer_projection(ht, tok, prompts: list[str], answers: list[str], hook: str, U: torch.Tensor,
+                       batch: int) -> torch.Tensor:
+    """Projection on each column of ``U`` [d_model, k] of the activations over each answer's
+    tokens, averaged over the tokens and then over the answers.  # [k]"""
     from emlab.sae import iter_activations
 
     starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     texts = [f"{p} {a}" for p, a in zip(prompts, answers)]
-    vals = [float((a[starts[i]:] @ u).mean()) for i, a in iter_activations(ht, tok, texts, hook, batch_size=batch)]
-    return float(np.mean(vals))
+    vals = [(a[starts[i]:] @ U).mean(0) for i, a in iter_activations(ht, tok, texts, hook, batch_size=batch)]
+    return torch.stack(vals).mean(0)
 
 
 # ----------------------------------------------------------------------------- 07
