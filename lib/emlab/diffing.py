@@ -38,22 +38,23 @@ def auroc(scores, labels) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
+def _ranks(x) -> np.ndarray:
+    """Ranks of ``x`` from 1, ties sharing their average rank."""
     import pandas as pd
 
-    rx, ry = pd.Series(np.asarray(x, dtype=float)).rank(), pd.Series(np.asarray(y, dtype=float)).rank()
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return pd.Series(np.asarray(x, dtype=float)).rank().to_numpy()
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
 def spearman_permutation_p(x, y, n_perm: int = 10000, seed: int = 0) -> float:
     """One-sided permutation p-value of Spearman's rho being this high by chance: the share
     of ``n_perm`` seeded shuffles of ``y`` whose rho is at least the observed one (with the
     observed one counted, so never 0)."""
-    import pandas as pd
-
-    rx = pd.Series(np.asarray(x, dtype=float)).rank().to_numpy()
-    ry = pd.Series(np.asarray(y, dtype=float)).rank().to_numpy()  # shuffling y shuffles its ranks
+    rx, ry = _ranks(x), _ranks(y)  # shuffling y shuffles its ranks
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = np.sqrt((rx**2).sum() * (ry**2).sum())
     obs = float(rx @ ry / denom)

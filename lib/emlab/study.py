@@ -1105,10 +1105,9 @@ def screening_summary(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
     rows = {}
     for d in DIRECTION_NAMES:
-        ok = table[d].notna() & table.misaligned.notna()
-        x, y = table[d][ok], table.misaligned[ok]
-        rows[d] = {"spearman": spearman(x, y) if ok.sum() > 2 else float("nan"),
-                   "p_value": spearman_permutation_p(x, y, seed=seed) if ok.sum() > 2 else float("nan")}
+        t = table[[d, "misaligned"]].dropna()  # a tiny run may lack a direction
+        rows[d] = ({"spearman": spearman(t[d], t.misaligned), "p_value": spearman_permutation_p(t[d], t.misaligned, seed=seed)}
+                   if len(t) > 2 else {"spearman": float("nan"), "p_value": float("nan")})
     return pd.DataFrame(rows).T
 
 
