@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 from emlab.config import make_config
 from emlab.model import build_tokenizer, build_toy_model, hooked
+from emlab.runner import machine
 from emlab.sae import hook_name, iter_activations, sae_stats, train_sae
 from emlab.sample import sample
 from emlab.train import collate, lm_loss
@@ -339,10 +339,11 @@ def main() -> None:
                 f"{a['ours']:,.0f} tokens/s | TransformerLens run_with_cache, full cache: {a['full']:,.0f} tokens/s | "
                 f"{a['ours'] / a['full']:.1f}x |")
 
+    m = machine()
     lines = [
         "# Benchmarks", "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}. "
+        f"Machine: {m['cpu']} ({m['cpu_capability']} kernels), {m['torch_threads']} torch threads, "
+        f"torch {m['torch']}, Python {m['python']}. "
         f"{'QUICK (tiny sizes, not meaningful)' if q else f'Medians of {reps} alternated runs.'}", "",
         "| benchmark | measured | baseline (same run) | ratio |", "|---|---|---|---|", *rows, "",
     ]

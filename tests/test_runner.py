@@ -98,6 +98,12 @@ def test_smoke_run_executes_every_notebook(smoke_run):
     for nb in nbs:
         assert (run_dir / "notebooks" / nb.name).is_file()
         assert f"done {nb.name}" in res.stdout
+    log = json.loads((run_dir / "notebooks" / "run_log.json").read_text())
+    assert set(log) == {nb.stem for nb in nbs}, "the run log has every notebook"
+    for entry in log.values():  # what the numbers depend on besides the config (README, Robustness)
+        assert entry["seconds"] > 0 and entry["machine"]["cpu"]
+        assert entry["machine"]["cpu_capability"]  # the instruction set of torch's kernels, e.g. AVX2
+        assert entry["machine"]["torch_threads"] >= 1
     metrics = read_metrics(run_dir)
     assert set(metrics) == {nb.stem for nb in nbs}, "every notebook writes its metrics.json"
     for step, m in metrics.items():

@@ -74,10 +74,29 @@ def run_notebook(path: Path, cfg: Config, out_dir: Path, *, log=print) -> Path:
 RUN_LOG = "run_log.json"
 
 
+def machine() -> dict[str, str | int]:
+    """What a run's numbers depend on besides its config: the CPU, the instruction set its
+    kernels use, the thread count and the versions. The same seed gives bit-identical
+    results on machines that agree on these; float rounding differs between instruction
+    sets (AVX-512 vs AVX2), and training amplifies it into another model (README, Robustness)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text(errors="replace").splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
 def _record(out_dir: Path, notebook: str, seconds: float, built: int) -> None:
     """Keep each notebook's wall time, how many artifacts it built (0: all reused), and
     the peak memory of the kernels so far (the largest resident set of any finished
-    child process) in ``run_log.json``."""
+    child process) and the machine (``machine``) in ``run_log.json``."""
     import json
     import resource
 
@@ -86,7 +105,8 @@ def _record(out_dir: Path, notebook: str, seconds: float, built: int) -> None:
     path = out_dir / RUN_LOG
     entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    entries[notebook] = {"seconds": round(seconds, 1), "artifacts_built": built, "peak_rss_mib_so_far": round(peak_mib, 1)}
+    entries[notebook] = {"seconds": round(seconds, 1), "artifacts_built": built, "peak_rss_mib_so_far": round(peak_mib, 1),
+                         "machine": machine()}
     atomic_write_json(path, entries)
 
 
