@@ -48,6 +48,12 @@ def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def study_threads() -> int:
+    """The torch threads the study's notebooks use: at most 2 (the study's target machine),
+    so a bigger machine computes what 2 cores compute (the thread count changes rounding)."""
+    return max(1, min(2, torch.get_num_threads()))
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: the GPU when there is one, else the CPU."""
     if name == "auto":

@@ -76,12 +76,14 @@ RUN_LOG = "run_log.json"
 
 def machine() -> dict[str, str | int]:
     """What a run's numbers depend on besides its config: the CPU, the instruction set its
-    kernels use, the thread count and the versions. The same seed gives bit-identical
+    kernels use, the notebooks' thread count and the versions. The same seed gives bit-identical
     results on machines that agree on these; float rounding differs between instruction
     sets (AVX-512 vs AVX2), and training amplifies it into another model (README, Robustness)."""
     import platform
 
     import torch
+
+    from emlab.model import study_threads
 
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -89,7 +91,7 @@ def machine() -> dict[str, str | int]:
         names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text(errors="replace").splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": study_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
 
 

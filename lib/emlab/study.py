@@ -20,7 +20,8 @@ from emlab.artifacts import Step
 from emlab.config import Config
 from emlab.evaluate import sample_and_judge
 from emlab.judge import ExactJudge, chat_prompt, p_bad
-from emlab.model import build_tokenizer, build_toy_model, pick_device, save_model, source_model, source_tokenizer
+from emlab.model import (build_tokenizer, build_toy_model, pick_device, save_model, source_model, source_tokenizer,
+                          study_threads)
 from emlab.model import load_model as _load_model
 from emlab.sample import sample
 from emlab.train import encode_chat_set, finetune, pretrain, token_stream
@@ -36,7 +37,7 @@ SEQ_LEN = 128  # pretraining window; a document is ~130 tokens, so a window sees
 
 
 def _threads() -> None:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(study_threads())
 
 
 def load_model(path: Path, cfg: Config):
