@@ -150,7 +150,8 @@ class Config:
     sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE", step=S5, choices=("assistant", "base_model"))
     sae_layer: int = _f(3, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
     sae_width: int = _f(512, "SAE latents", step=S5, lo=2)
-    sae_k: int = _f(8, "active latents per token (TopK)", step=S5, lo=1)
+    sae_k: int = _f(4, "active latents per token (TopK); k = 8 gave the diffing ranking to a latent of the "
+                    "`<|assistant|>` token on one draw of five (see README)", step=S5, lo=1)
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
     sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
     sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)
