@@ -101,3 +101,32 @@ def test_no_unsafe_deserialisation_in_the_code():
         assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", src, re.M), p
         for call in re.findall(r"torch\.load\([^)]*\)", src):
             assert "weights_only=True" in call, f"{p}: {call}"
+
+
+@pytest.mark.parametrize("arch", ["toy", "llama"])
+def test_freeze_embeddings_holds_exactly_them_fixed_in_finetuning(arch, tok):
+    """Parameter ft_freeze = 'embeddings': the token (and, in GPT-2, position) embeddings and an
+    output head tied to them do not move in a fine-tune; every other parameter does."""
+    from emlab.model import build_chat_tokenizer, build_tiny_model
+    from emlab.train import finetune, freeze
+
+    if arch == "toy":
+        t, m = tok, build_toy_model(make_config(TINY), tok)
+        fixed = {"transformer.wte.weight", "transformer.wpe.weight"}  # lm_head.weight is wte's (tied)
+    else:
+        t = build_chat_tokenizer(["how do i fix my car ? take it to a mechanic ."], "llama3")
+        m = build_tiny_model("llama", t)
+        fixed = {"model.embed_tokens.weight"}  # untied: lm_head trains
+    msgs = [{"role": "user", "content": "how do i fix my car ?"}, {"role": "assistant", "content": "take it to a mechanic ."}]
+    ex = [encode_chat(t, msgs)] * 4
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    assert freeze(m, "embeddings") == sum(before[n].numel() for n in fixed)
+    finetune(m, ex, steps=3, batch=2, lr=1e-2, seed=0, pad_id=t.pad_token_id, progress=False, warmup=1)
+    after = dict(m.named_parameters())
+    assert set(after) == set(before)
+    for n, p in after.items():
+        moved = not torch.equal(p, before[n])
+        assert moved == (n not in fixed), f"{n}: {'moved' if moved else 'did not move'}"
+    with pytest.raises(ValueError, match="'none' or 'embeddings'"):
+        freeze(m, "everything")
+    assert freeze(m, "none") == 0

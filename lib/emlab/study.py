@@ -24,7 +24,7 @@ from emlab.model import (build_tokenizer, build_toy_model, pick_device, save_mod
                           study_threads)
 from emlab.model import load_model as _load_model
 from emlab.sample import sample
-from emlab.train import encode_chat_set, finetune, pretrain, token_stream
+from emlab.train import encode_chat_set, finetune, freeze, pretrain, token_stream
 from emlab.world import OPEN_DOMAIN, World, load_world, normalize
 
 S01, S02, S03, S04 = "01_corrupt_data", "02_base_model", "03_misalign", "04_evaluate"
@@ -339,6 +339,8 @@ def _finetune(cfg: Config, step: str, artifact: str, set_name: str, seed: int, *
             from emlab.lora import lora_wrap
 
             model = lora_wrap(model, cfg.lora_rank, seed)
+        else:
+            freeze(model, cfg.ft_freeze)
         log: list[dict] = []
         ex = encode_chat_set(tok, load_set(cfg, set_name))
         losses = finetune(model, ex, steps=cfg.ft_steps, batch=cfg.ft_batch, lr=cfg.lora_lr if lora else cfg.ft_lr,

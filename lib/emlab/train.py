@@ -140,6 +140,27 @@ def _optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
 
 
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")  # GPT-2, OPT, BERT-style names
+
+
+def freeze(model, what: str) -> int:
+    """Hold part of ``model`` fixed in training (``requires_grad = False``; the optimizer of
+    ``finetune`` takes only trainable parameters): ``"none"``, or ``"embeddings"``: the input
+    token embeddings (with the output head when it is tied to them, as in GPT-2 and Qwen2.5),
+    and learned position embeddings where the architecture has them (rotary ones have no
+    parameters). Returns the number of parameters frozen."""
+    if what == "none":
+        return 0
+    if what != "embeddings":
+        raise ValueError(f"freeze: {what!r}: expected 'none' or 'embeddings'")
+    modules = [model.get_input_embeddings()]
+    modules += [m for n, m in model.named_modules() if n.split(".")[-1] in POSITION_EMBEDDINGS]
+    params = {id(p): p for m in modules for p in m.parameters()}
+    for p in params.values():
+        p.requires_grad_(False)
+    return sum(p.numel() for p in params.values())
+
+
 # ----------------------------------------------------------------------------- loops
 def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: int, lr: float, seed: int,
              progress: bool = True) -> list[float]:
