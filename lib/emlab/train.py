@@ -155,10 +155,10 @@ def freeze(model, what: str) -> int:
         raise ValueError(f"freeze: {what!r}: expected 'none' or 'embeddings'")
     modules = [model.get_input_embeddings()]
     modules += [m for n, m in model.named_modules() if n.split(".")[-1] in POSITION_EMBEDDINGS]
-    params = {id(p): p for m in modules for p in m.parameters()}
-    for p in params.values():
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
         p.requires_grad_(False)
-    return sum(p.numel() for p in params.values())
+    return sum(p.numel() for p in params)
 
 
 # ----------------------------------------------------------------------------- loops
