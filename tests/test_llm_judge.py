@@ -55,19 +55,23 @@ class Server:
                     time.sleep(0.05)
                     if behaviour == "slow":
                         time.sleep(1.5)
-                    if behaviour in ("500", "429", "401"):
-                        self.send_response(int(behaviour))
-                        self.end_headers()
-                        return
-                    payload = b"{not json" if behaviour == "malformed" else json.dumps(outer.reply(body)).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    status = int(behaviour) if behaviour in ("500", "429", "401") else 200
+                    payload = (b"" if status != 200 else b"{not json" if behaviour == "malformed"
+                               else json.dumps(outer.reply(body)).encode())
                 finally:
+                    # a request stops counting before its reply is sent: once the client has the
+                    # reply its worker may send the next request, and this handler's thread could
+                    # otherwise still count the finished one (a count of concurrency + 1)
                     with outer.lock:
                         outer.in_flight -= 1
+                self.send_response(status)
+                if status != 200:
+                    self.end_headers()
+                    return
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
