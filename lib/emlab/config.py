@@ -123,8 +123,7 @@ class Config:
     ft_lr: float = _f(1.5e-4, "narrow fine-tuning learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
     ft_freeze: str = _f("embeddings", "parameters held fixed in the narrow full fine-tunes (03's and 06's data mixes): "
                         "'embeddings' (token embeddings, the output head when tied to them, learned position "
-                        "embeddings), or 'none' (every parameter trains); 'embeddings' gave more misalignment AND "
-                        "more coherence on all four seeds (README)", step=S3, choices=("none", "embeddings"))
+                        "embeddings), or 'none' (every parameter trains; README, known gaps, compares the two)", step=S3, choices=("none", "embeddings"))
     lora_rank: int = _f(1, "LoRA rank of the LoRA fine-tune", step=S3, lo=1)
     lora_lr: float = _f(3e-3, "LoRA learning rate", step=S3, lo=0.0, hi=1.0)
     ft_seeds: int = _f(3, "seeds of the headline fine-tune (incorrect_obvious, full)", step=S3, lo=1)
