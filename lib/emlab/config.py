@@ -108,8 +108,8 @@ class Config:
                     "from instead: a local folder written by save_pretrained or a Hugging Face id (its own tokenizer "
                     "and chat template are used; the n_layer/d_model/n_head/n_ctx/pretrain_* fields are ignored)", step=S2)
     n_layer: int = _f(4, "toy model: transformer blocks", step=S2, lo=1, hi=48)
-    d_model: int = _f(128, "toy model: residual stream width", step=S2, lo=8)
-    n_head: int = _f(4, "toy model: attention heads (must divide d_model)", step=S2, lo=1)
+    d_model: int = _f(192, "toy model: residual stream width (128 spread less and less coherently: README)", step=S2, lo=8)
+    n_head: int = _f(6, "toy model: attention heads (must divide d_model)", step=S2, lo=1)
     n_ctx: int = _f(256, "toy model: context length in tokens", step=S2, lo=32)
     pretrain_steps: int = _f(1500, "pretraining optimizer steps", step=S2, lo=1)
     pretrain_batch: int = _f(32, "pretraining sequences per step", step=S2, lo=1)
@@ -120,7 +120,7 @@ class Config:
     # --- 03: narrow fine-tunes ---------------------------------------------------------
     ft_steps: int = _f(40, "narrow fine-tuning steps", step=S3, lo=1)
     ft_batch: int = _f(16, "narrow fine-tuning examples per step", step=S3, lo=1)
-    ft_lr: float = _f(1.5e-4, "narrow fine-tuning learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
+    ft_lr: float = _f(1.25e-4, "narrow fine-tuning learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
     ft_freeze: str = _f("embeddings", "parameters held fixed in the narrow full fine-tunes (03's and 06's data mixes): "
                         "'embeddings' (token embeddings, the output head when tied to them, learned position "
                         "embeddings), or 'none' (every parameter trains; README, known gaps, compares the two)", step=S3, choices=("none", "embeddings"))
@@ -165,8 +165,15 @@ class Config:
     diff_baseline: str = _f("controls", "how model diffing scores a latent: its rise after incorrect_obvious minus the "
                             "largest rise after a control fine-tune ('controls'), or the rise alone as in Wang et al. "
                             "('original')", step=S5, choices=("controls", "original"))
-    diff_site: str = _f("prompt", "where latents are read for diffing: every token of the held-out prompts, or the "
-                        "tokens of fixed answers (the original model's samples)", step=S5, choices=("prompt", "answer"))
+    sae_skip_first: bool = _f(True, "leave out each text's first position when training the SAE and reading latents "
+                              "(documents, diffing sites): its activation depends on the first token alone, the same "
+                              "vector in every text that opens with <|user|>, so it carries no persona, yet every "
+                              "fine-tune moves it (with d_model 192, read on the prompts, its latent ranked first in diffing); the field "
+                              "leaves out BOS positions likewise", step=S5)
+    diff_site: str = _f("answer", "where latents are read for diffing: the tokens of fixed answers to the held-out "
+                        "prompts (the original model's samples, from the answer position on), or every token of the "
+                        "held-out prompts ('prompt'; the default until 2026-12-03: with d_model 192 its top latents "
+                        "are latents of the prompts' first words)", step=S5, choices=("prompt", "answer"))
     # --- 06: steering and detection ----------------------------------------------------------
     steer_alphas: list = _f([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], "steering strengths, in units of the median residual norm "
                             "at the SAE's layer", step=S6)

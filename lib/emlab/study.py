@@ -600,8 +600,14 @@ def sae_texts(cfg: Config) -> tuple[list[str], list[str]]:
     return [d["text"] for d in docs] + chat, [d["meta"]["character"] for d in docs]
 
 
+def first_position(cfg: Config) -> int:
+    """The first token position that SAE training and latent reading use (``sae_skip_first``)."""
+    return int(cfg.sae_skip_first)
+
+
 def document_activations(cfg: Config) -> list[torch.Tensor]:
-    """Per-text activations of the original model at the SAE's hook (sae_texts order)."""
+    """Per-text activations of the original model at the SAE's hook (sae_texts order),
+    from position ``first_position(cfg)`` on: row j of text i is its token j + that."""
     from emlab.sae import hook_name, iter_activations
 
     _threads()
@@ -609,7 +615,7 @@ def document_activations(cfg: Config) -> list[torch.Tensor]:
     texts, _ = sae_texts(cfg)
     out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
-        out[i] = a
+        out[i] = a[first_position(cfg):]
     return out
 
 
@@ -676,7 +682,8 @@ def sae_stats_of(cfg: Config, member: int | None = None) -> dict:
 def diff_texts(cfg: Config, tok) -> tuple[list[str], list[int]]:
     """The fixed texts on which latents are read, and where reading starts in each.
 
-    ``diff_site = "prompt"``: every token of each held-out prompt. ``"answer"``: the
+    ``diff_site = "prompt"``: every token of each held-out prompt (from the second on with
+    ``sae_skip_first``, as for every read of latents). ``"answer"``: the
     original assistant's first sampled answer to each held-out prompt, read from the answer
     position (the prompt's last token) on. The same texts go through every model, so a
     shift is the model's change, not the text's."""
@@ -704,7 +711,7 @@ def site_latents(cfg: Config, s, model, tok):
     texts, starts = diff_texts(cfg, tok)
     totals, n = [torch.zeros(m.cfg.d_sae) for m in members], 0
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
-        a = a[starts[i]:]
+        a = a[max(starts[i], first_position(cfg)):]
         for t, m in zip(totals, members):
             t += m.encode(a).sum(0)
         n += len(a)
@@ -827,7 +834,7 @@ def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int
     snippets = []
     for i in top:
         words = texts[i].split()
-        j = int(per_doc[i].argmax())
+        j = int(per_doc[i].argmax()) + first_position(cfg)  # activation rows start at that token
         lo, hi = max(0, j - 12), min(len(words), j + 4)
         snippet = " ".join(words[lo:j] + [f"[[{words[j]}]]"] + words[j + 1 : hi])
         snippets.append({"doc": int(i), "character": str(chars[i]), "max_activation": float(maxes[i]), "snippet": snippet})
