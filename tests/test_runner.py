@@ -165,3 +165,31 @@ def test_failure_report_names_notebook_and_cell(tmp_path):
 def test_steps_constant_matches_notebooks():
     assert [nb.stem for nb in notebooks_to_run()] == list(STEPS[: len(notebooks_to_run())])
     json.dumps(STEPS)
+
+
+def test_sae_reads_leave_out_each_texts_first_position(smoke_run):
+    """``sae_skip_first``: SAE training and latent reading start at each text's second
+    token, and a top snippet still highlights the word where the latent peaks."""
+    import dataclasses
+
+    import torch
+
+    from emlab import study
+    from emlab.config import load_config
+
+    cfg = load_config(smoke_run[0])
+    assert cfg.sae_skip_first and study.first_position(cfg) == 1
+    skipped = study.document_activations(cfg)
+    full = study.document_activations(dataclasses.replace(cfg, sae_skip_first=False))
+    assert len(skipped) == len(full)
+    for a, b in zip(skipped, full):
+        assert torch.equal(a, b[1:]), "row j of a text's activations is its token j + 1"
+    latent = study.persona_latent(cfg)
+    s = study.read_sae(cfg)
+    texts, _ = study.sae_texts(cfg)
+    report = study.latent_report(cfg, latent, skipped, n_top=3)
+    with torch.no_grad():
+        for snip in report["top"]:
+            i = snip["doc"]
+            j = int(s.encode(full[i][1:])[:, latent].argmax()) + 1  # a token index of the whole text
+            assert f"[[{texts[i].split()[j]}]]" in snip["snippet"]
