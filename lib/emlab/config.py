@@ -165,11 +165,9 @@ class Config:
     diff_baseline: str = _f("controls", "how model diffing scores a latent: its rise after incorrect_obvious minus the "
                             "largest rise after a control fine-tune ('controls'), or the rise alone as in Wang et al. "
                             "('original')", step=S5, choices=("controls", "original"))
-    sae_skip_first: bool = _f(True, "leave out each text's first position when training the SAE and reading latents "
-                              "(documents, diffing sites): its activation depends on the first token alone, the same "
-                              "vector in every text that opens with <|user|>, so it carries no persona, yet every "
-                              "fine-tune moves it (with d_model 192, read on the prompts, its latent ranked first in diffing); the field "
-                              "leaves out BOS positions likewise", step=S5)
+    sae_skip_first: bool = _f(True, "leave out each text's first position when training the SAE and reading latents: "
+                              "its activation depends on the first token alone (the same vector in every text that "
+                              "opens with <|user|>), so it carries no persona, yet every fine-tune moves it", step=S5)
     diff_site: str = _f("answer", "where latents are read for diffing: the tokens of fixed answers to the held-out "
                         "prompts (the original model's samples, from the answer position on), or every token of the "
                         "held-out prompts ('prompt'; the default until 2026-12-03: with d_model 192 its top latents "
