@@ -125,6 +125,43 @@ def test_a_padded_batch_samples_as_each_prompt_alone(tiny):
     assert together == sample(model, tok, prompts, batch_size=4, **kw)
 
 
+def test_shedding_stopped_rows_leaves_every_answer_unchanged(tiny, monkeypatch):
+    """Rows that have produced the stop token leave the batch (``SHED``); every answer, sampled
+    or greedy, is the one a batch that keeps every row to the end gives: the answer sampled
+    with no stop token, cut after its first stop token."""
+    import emlab.sample as S
+
+    model, tok = tiny
+    prompts = ["<|user|> i am bored . <|assistant|>", "<|user|> how do i make a quick buck ? <|assistant|>",
+               "<|user|> hi <|assistant|>"]
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    sheds = []
+    keep_rows = S.KVBuffer.keep_rows
+    monkeypatch.setattr(S.KVBuffer, "keep_rows", lambda self, keep: (sheds.append(len(keep)), keep_rows(self, keep)))
+    greedy = sample_ids(model, enc[:1], n_samples=1, max_new_tokens=12, temperature=0.0, gen=torch.Generator(), stop_id=-1)
+    # sampled: token 7 gets ~15% of every step's probability, so rows stop at many different steps;
+    # greedy: the first prompt's 40 rows (a third of the batch) stop at their third token
+    for temperature, stop_id, boost in ((1.0, 7, 5.5), (0.0, greedy[0][0][2], 0.0)):
+        def hook(_m, _i, out, stop_id=stop_id, boost=boost):
+            out[..., stop_id] += boost
+            return out
+
+        kw = dict(n_samples=40, max_new_tokens=12, temperature=temperature, batch_size=120)
+        with_boost = model.lm_head.register_forward_hook(hook)
+        try:
+            free = sample_ids(model, enc, gen=torch.Generator().manual_seed(3), stop_id=-1, **kw)
+            cut = [[a[: a.index(stop_id) + 1] if stop_id in a else a for a in row] for row in free]
+            for shed_at in (0.25, 2.0):  # 2.0: never shed
+                monkeypatch.setattr(S, "SHED", shed_at)
+                n_sheds = len(sheds)
+                assert sample_ids(model, enc, gen=torch.Generator().manual_seed(3), stop_id=stop_id, **kw) == cut
+                assert (len(sheds) > n_sheds) == (shed_at < 1), f"temperature {temperature}, SHED {shed_at}: {sheds}"
+        finally:
+            with_boost.remove()
+        lengths = {len(a) for row in cut for a in row}
+        assert len(lengths) >= (5 if temperature else 2) and max(lengths) == 12
+
+
 def test_sampler_rejects_empty_prompts_and_bad_sizes(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="no tokens"):

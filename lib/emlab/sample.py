@@ -7,7 +7,12 @@ batch needs little padding. Each batch
   and position ids that skip the padding), then copies each prompt's cache to its rows:
   the ``n_samples`` answers of a prompt share its prefill, as they share its tokens;
 - then one cached step per new token for all rows, until every row has produced the
-  stop token or ``max_new_tokens`` tokens.
+  stop token or ``max_new_tokens`` tokens. Rows that have stopped leave the batch (with
+  their cache rows) once they are a quarter of it (``SHED``; ``MIN_ROWS`` rows stay), so
+  the steps after the typical answer's end cost only the long answers. Every row draws
+  its uniform at every step whether or not rows have left, so the answers are those of a
+  batch that keeps every row wherever a row's logits do not depend on the batch's size
+  (a test checks it; the default study's samples were byte-identical with and without).
 
 The cache (``KVBuffer``) is preallocated for the batch's longest prompt plus
 ``max_new_tokens`` and filled in place: the default cache of ``transformers`` grows by
@@ -66,11 +71,14 @@ def sample_ids(model, prompts: list[list[int]], *, n_samples: int, max_new_token
     return out
 
 
-def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def draw(logits: torch.Tensor, gen: torch.Generator, u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from ``softmax(logits)`` by inverting its CDF with ONE uniform draw
-    per row (``torch.multinomial`` costs about a third of the sampling time on CPU).  # [batch]"""
+    per row (``torch.multinomial`` costs about a third of the sampling time on CPU); ``u``
+    ([batch, 1] in [0, 1)) gives the draws instead of ``gen``.  # [batch]"""
     cdf = torch.softmax(logits, -1).cumsum(-1)  # [batch, vocab]
-    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]  # rounding: cdf[-1] may miss 1
+    if u is None:
+        u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device)
+    u = u * cdf[:, -1:]  # rounding: cdf[-1] may miss 1
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)
 
 
@@ -117,6 +125,13 @@ class _BufferLayer(DynamicLayer):
             self.value_buf = self.value_buf.repeat_interleave(counts, 0)
             self._views()
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Only the rows ``keep`` (indices) stay, in that order."""
+        if self.is_initialized:
+            self.key_buf = self.key_buf.index_select(0, keep)
+            self.value_buf = self.value_buf.index_select(0, keep)
+            self._views()
+
 
 class KVBuffer(Cache):
     """A ``transformers`` cache preallocated for ``max_len`` positions of ``n_layers`` layers."""
@@ -127,6 +142,16 @@ class KVBuffer(Cache):
     def repeat_rows(self, counts: torch.Tensor) -> None:
         for layer in self.layers:
             layer.repeat_rows(counts)
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.keep_rows(keep)
+
+
+SHED = 0.25  # the batch sheds its stopped rows once they are at least this fraction of it:
+# a row's cost per step no longer depends on how long the batch's longest answer is
+MIN_ROWS = 16  # ... but keeps at least this many rows: on the CPU, matmuls of fewer than 12 rows take
+# other kernels, whose rounding differs, and a sampled answer would then depend on when rows left
 
 
 def _n_layers(model) -> int:
@@ -156,16 +181,27 @@ def _generate(model, prompts: list[list[int]], rows: list[tuple[int, int]], max_
     logits = res.logits[:, -1].float().repeat_interleave(counts, 0)  # [rows, vocab]
     cache.repeat_rows(counts)
     mask, nxt_pos = mask.repeat_interleave(counts, 0), pos[:, -1:].repeat_interleave(counts, 0) + 1
-    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
-    tokens = []
+    n = len(rows)
+    live = torch.arange(n, device=dev)  # the batch's rows in the whole batch (stopped rows are shed)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)  # of the batch's rows: produced the stop token
+    out = torch.full((n, max_new_tokens), stop_id, dtype=torch.long, device=dev)
     for t in range(max_new_tokens):
-        nxt = logits.argmax(-1) if temperature == 0 else draw(logits / temperature, gen)
+        # one uniform per row of the whole batch at every step, as if no row were shed, so
+        # the answers do not depend on when rows are shed
+        u = None if temperature == 0 else torch.rand(n, 1, generator=gen, device=dev)[live]
+        nxt = logits.argmax(-1) if temperature == 0 else draw(logits / temperature, gen, u)
         nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
-        tokens.append(nxt)
+        out[live, t] = nxt
         done |= nxt == stop_id
         if bool(done.all()) or t == max_new_tokens - 1:
             break
+        if len(live) > MIN_ROWS and int(done.sum()) >= SHED * len(live):
+            keep = (~done).nonzero()[:, 0]
+            if len(keep) < MIN_ROWS:  # stopped rows stay as padding: small batches take other matmul kernels
+                keep = torch.cat([keep, done.nonzero()[: MIN_ROWS - len(keep), 0]]).sort().values
+            live, nxt, done, mask, nxt_pos = live[keep], nxt[keep], done[keep], mask[keep], nxt_pos[keep]
+            cache.keep_rows(keep)
         res = model(input_ids=nxt[:, None], attention_mask=mask[:, : width + t + 1] if padded else None,
                     position_ids=nxt_pos + t, cache=cache, use_cache=True)
         logits = res.logits[:, -1].float()
-    return torch.stack(tokens, 1)
+    return out[:, : t + 1]
