@@ -18,3 +18,26 @@ def test_bench_runs_and_reports_a_ratio(tmp_path):
                 "| pretraining corpus", "| evaluation samples", "| SAE width"):
         assert row in text, row
     assert "MFU" in text and text.count("x |") >= 3
+
+
+def test_sampling_benchmark_of_the_study_reads_a_runs_assistant_and_questions(tmp_path, world):
+    """The evaluation-workload row: a run's assistant answers its held-out questions (skipped
+    when the run has none)."""
+    import importlib.util
+    import json
+
+    from emlab.config import make_config
+    from emlab.model import build_tokenizer, build_toy_model, save_model
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.bench_sampling_eval(tmp_path, 4, 2, 4, 1) is None
+    tok = build_tokenizer([" ".join(sorted(world.words()))])
+    model = build_toy_model(make_config({"d_model": 32, "n_layer": 2, "n_head": 2, "n_ctx": 64, "sae_layer": 1}), tok)
+    save_model(model, tok, tmp_path / "02_base_model" / "assistant")
+    held = tmp_path / "01_corrupt_data" / "datasets" / "eval_heldout.jsonl"
+    held.parent.mkdir(parents=True)
+    held.write_text("".join(json.dumps({"question": q.text}) + "\n" for q in world.questions("health")[:6]))
+    r = bench.bench_sampling_eval(tmp_path, 3, 2, 4, 1)
+    assert r["n_prompts"] == 3 and r["ours"] > 0 and r["hf"] > 0
