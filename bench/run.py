@@ -116,30 +116,37 @@ def bench_training(cfg, steps: int) -> dict:
     return out
 
 
-def bench_sampling(cfg, n_prompts: int, n_samples: int, max_new: int, repeats: int) -> dict:
-    model, tok = toy(cfg)
-    prompts = prompts_of(n_prompts)
-    never = len(tok) + 10  # no stop token: both produce exactly max_new tokens per sample
-    total = n_prompts * n_samples * max_new
+def sampling_rates(model, tok, prompts: list[str], n_samples: int, max_new: int, stop_id: int, count: int,
+                   repeats: int, **generate_kw) -> dict:
+    """``count`` units (tokens or answers) over seconds for ``emlab.sample`` and for
+    ``transformers`` ``generate`` called once per prompt with ``num_return_sequences``
+    (plus ``generate_kw``), alternated; medians."""
 
     def ours() -> float:
         t = time.perf_counter()
         sample(model, tok, prompts, n_samples=n_samples, max_new_tokens=max_new, temperature=1.0, seed=0,
-               stop_id=never)
-        return total / (time.perf_counter() - t)
+               stop_id=stop_id)
+        return count / (time.perf_counter() - t)
 
     def hf() -> float:
         t = time.perf_counter()
         with torch.no_grad():
             for p in prompts:
                 ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
-                model.generate(ids, do_sample=True, temperature=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
+                model.generate(ids, do_sample=True, temperature=1.0, max_new_tokens=max_new,
                                num_return_sequences=n_samples, pad_token_id=tok.pad_token_id,
-                               attention_mask=torch.ones_like(ids))
-        return total / (time.perf_counter() - t)
+                               attention_mask=torch.ones_like(ids), **generate_kw)
+        return count / (time.perf_counter() - t)
 
     a, b = alternate(ours, hf, repeats)
     return {"ours": med(a), "hf": med(b)}
+
+
+def bench_sampling(cfg, n_prompts: int, n_samples: int, max_new: int, repeats: int) -> dict:
+    """New tokens/s with no stop token: both produce exactly ``max_new`` tokens per sample."""
+    model, tok = toy(cfg)
+    return sampling_rates(model, tok, prompts_of(n_prompts), n_samples, max_new, len(tok) + 10,
+                          n_prompts * n_samples * max_new, repeats, min_new_tokens=max_new)
 
 
 def bench_sampling_eval(run: Path, n_prompts: int, n_samples: int, max_new: int, repeats: int) -> dict | None:
@@ -157,25 +164,9 @@ def bench_sampling_eval(run: Path, n_prompts: int, n_samples: int, max_new: int,
     qs = [json.loads(line)["question"] for line in held.read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = [chat_prompt(tok, q) for q in qs[:: max(1, len(qs) // n_prompts)][:n_prompts]]
     stop = end_token_id(tok)
-    total = len(prompts) * n_samples
-
-    def ours() -> float:
-        t = time.perf_counter()
-        sample(model, tok, prompts, n_samples=n_samples, max_new_tokens=max_new, temperature=1.0, seed=0, stop_id=stop)
-        return total / (time.perf_counter() - t)
-
-    def hf() -> float:
-        t = time.perf_counter()
-        with torch.no_grad():
-            for p in prompts:
-                ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
-                model.generate(ids, do_sample=True, temperature=1.0, max_new_tokens=max_new, eos_token_id=stop,
-                               num_return_sequences=n_samples, pad_token_id=tok.pad_token_id,
-                               attention_mask=torch.ones_like(ids))
-        return total / (time.perf_counter() - t)
-
-    a, b = alternate(ours, hf, repeats)
-    return {"ours": med(a), "hf": med(b), "n_prompts": len(prompts)}
+    rates = sampling_rates(model, tok, prompts, n_samples, max_new, stop, len(prompts) * n_samples, repeats,
+                           eos_token_id=stop)
+    return {**rates, "n_prompts": len(prompts)}
 
 
 class PlainTopK(torch.nn.Module):
