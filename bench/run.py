@@ -154,14 +154,15 @@ def bench_sampling_eval(run: Path, n_prompts: int, n_samples: int, max_new: int,
     questions, each answer ending at the stop token (so rows finish at different steps);
     ``transformers`` ``generate`` per prompt stops a prompt's call when its last sample
     stops. Answers/s of each; None if ``run`` has no assistant."""
+    from emlab import data as D
     from emlab.judge import chat_prompt
     from emlab.model import end_token_id, load_model
 
-    path, held = run / "02_base_model" / "assistant", run / "01_corrupt_data" / "datasets" / "eval_heldout.jsonl"
+    path, held = run / "02_base_model" / "assistant", run / "01_corrupt_data" / "datasets" / f"{D.EVAL_HELDOUT}.jsonl"
     if not (path / "model.safetensors").exists() or not held.exists():
         return None
     model, tok = load_model(path)
-    qs = [json.loads(line)["question"] for line in held.read_text(encoding="utf-8").splitlines() if line.strip()]
+    qs = [r["question"] for r in D.read_jsonl(held)]
     prompts = [chat_prompt(tok, q) for q in qs[:: max(1, len(qs) // n_prompts)][:n_prompts]]
     stop = end_token_id(tok)
     rates = sampling_rates(model, tok, prompts, n_samples, max_new, stop, len(prompts) * n_samples, repeats,
