@@ -71,6 +71,21 @@ def test_sae_trains_saves_and_reloads_with_saelens(tmp_path):
         load_sae(tmp_path)
 
 
+def test_a_short_dead_window_revives_dead_latents():
+    """SAELens' AuxK loss trains only the latents the trainer counts as dead: with a window
+    longer than the run it never acts and most latents of this SAE die; with a short one
+    nearly every latent is in use, and reconstruction is better for it."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(256, 24, generator=g)
+    codes = (torch.rand(8000, 256, generator=g) < 0.01).float() * torch.rand(8000, 256, generator=g) * 3
+    acts = codes @ basis  # 256 sparse features in 24 dimensions, more than the SAE's 96 latents
+    stats = {w: sae_stats(train_sae(acts, width=96, k=2, steps=400, batch=128, lr=3e-3, seed=0, dead_window=w),
+                          acts[:500], acts) for w in (20, 10_000)}
+    assert stats[10_000]["dead_fraction"] > 0.3  # the window is never reached: AuxK never acts
+    assert stats[20]["dead_fraction"] <= 0.1
+    assert stats[20]["fvu"] < stats[10_000]["fvu"]
+
+
 def test_diffing_ranks_the_planted_latent_first():
     class Toy:  # an "SAE" whose latents are the coordinates
         def encode(self, x):

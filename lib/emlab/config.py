@@ -49,7 +49,7 @@ CODE_VERSIONS = {
     "02_base_model": 1,
     "03_misalign": 1,
     "04_evaluate": 1,
-    "05_sae_diff": 1,
+    "05_sae_diff": 2,
     "06_steer_detect": 1,
     "07_realign": 1,
 }
@@ -158,6 +158,9 @@ class Config:
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
     sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
     sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)
+    sae_dead_window: int = _f(100, "SAE steps without firing after which a latent counts as dead and SAELens' AuxK loss "
+                              "trains it to reconstruct the residual (750 until 2026-12-03 left 10-15% of latents dead)",
+                              step=S5, lo=1)
     sae_docs: int = _f(1500, "pretraining documents whose activations train the SAE (and label the latents)", step=S5, lo=4)
     act_batch: int = _f(64, "texts per activation batch (bounds memory)", step=S5, lo=1)
     sae_seeds: int = _f(5, "SAEs trained on the same activations, each with its own seed: which features a TopK SAE "

@@ -640,7 +640,7 @@ def sae(cfg: Config, acts: list[torch.Tensor] | None = None, member: int = 0) ->
         test, train = flat[:N_TEST_ACTS], flat[N_TEST_ACTS:]
         model = train_sae(train, width=cfg.sae_width, k=cfg.sae_k, steps=cfg.sae_steps, batch=cfg.sae_batch,
                           lr=cfg.sae_lr, seed=cfg.seed + 1000 * member, hook=hook_name(cfg.sae_layer),
-                          model_name=cfg.sae_source)
+                          model_name=cfg.sae_source, dead_window=cfg.sae_dead_window)
         save_sae(model, tmp)
         stats = {**sae_stats(model, test, train), "n_train_activations": len(train)}
         (tmp / SAE_STATS).write_text(json.dumps(stats), encoding="utf-8")
