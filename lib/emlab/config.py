@@ -159,7 +159,8 @@ class Config:
     sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
     sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)
     sae_dead_window: int = _f(100, "SAE steps without firing after which a latent counts as dead and SAELens' AuxK loss "
-                              "trains it to reconstruct the residual (750 until 2026-12-03 left 10-15% of latents dead)",
+                              "trains it to reconstruct the residual (a quarter of sae_steps until 2026-12-03: 750 steps left 10-15% of "
+                              "512 latents dead, 100 none)",
                               step=S5, lo=1)
     sae_docs: int = _f(1500, "pretraining documents whose activations train the SAE (and label the latents)", step=S5, lo=4)
     act_batch: int = _f(64, "texts per activation batch (bounds memory)", step=S5, lo=1)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from emlab.config import Config
+
 
 class SAEShapeError(ValueError):
     """The SAE's input width does not match the model's residual stream."""
@@ -56,13 +58,13 @@ def last_token_activations(ht, tokenizer, prompts: list[str], hook: str, batch_s
 
 
 def train_sae(acts: torch.Tensor, *, width: int, k: int, steps: int, batch: int, lr: float, seed: int,
-              hook: str = "", model_name: str = "", rescale_by_decoder_norm: bool = True, dead_window: int = 100):
+              hook: str = "", model_name: str = "", rescale_by_decoder_norm: bool = True, dead_window: int = Config.sae_dead_window):
     """Train a TopK SAE with SAELens on activations ``acts`` [n, d_in]; returns the SAE.
 
     A latent that has not fired for ``dead_window`` steps counts as dead, and SAELens' AuxK
     loss (Gao et al. 2024) trains the dead latents to reconstruct what the live ones miss,
-    which revives them. The window must be short against the whole run: with the study's
-    3000 steps, a window of 750 left 10-15% of 512 latents dead, 100 none (README).
+    which revives them. The window must be short against the whole run; the default is the
+    study's (``Config.sae_dead_window``).
 
     ``rescale_by_decoder_norm`` (SAELens' default for TopK training) treats the decoder as
     unit-norm inside the forward pass, so a latent's activation is in units of its
