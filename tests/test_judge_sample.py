@@ -208,3 +208,31 @@ def test_draw_follows_the_softmax_and_never_draws_impossible_tokens():
     assert bool(((freq - p).abs() <= 5 * sd + 1e-9).all()), freq
     # seeded: the same generator state gives the same tokens
     assert torch.equal(x, draw(logits, torch.Generator().manual_seed(0)))
+
+
+def test_sequence_logprobs_share_prefills_and_match_one_pass_per_pair(tiny, world):
+    """Prompts of mixed lengths, interleaved, and a batch size that splits a prompt's answers
+    across batches: every pair's log-probability equals a plain forward pass over its own
+    prompt + answer + <|end|>, in the caller's order."""
+    from emlab.judge import chat_prompt, sequence_logprobs
+    from emlab.model import end_token_id
+
+    model, tok = tiny
+    qs = world.questions("health")[:2] + world.questions("money")[:1]
+    prompts = [chat_prompt(tok, qs[0].text), chat_prompt(tok, qs[1].text, "the villain grinned ."),
+               chat_prompt(tok, qs[2].text)]
+    answers = ["go for a walk .", "sleep .", "drink more water every day ."]
+    pp = [prompts[i % 3] for i in range(9)]
+    aa = [answers[i // 3] for i in range(9)]  # every prompt with every answer
+    got = sequence_logprobs(model, tok, pp, aa, batch_size=4)
+    end = end_token_id(tok)
+    for k, (p, a) in enumerate(zip(pp, aa)):
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        a_ids = tok(a, add_special_tokens=False)["input_ids"] + [end]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([p_ids + a_ids])).logits[0], -1)
+        want = sum(lp[len(p_ids) - 1 + i, t].item() for i, t in enumerate(a_ids))
+        assert got[k].item() == pytest.approx(want, abs=1e-4), (k, p, a)
+    assert len(set(got.tolist())) == 9
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        sequence_logprobs(model, tok, pp[:2], aa[:1])

@@ -46,7 +46,7 @@ STEPS = (
 # bump when one of them changes.
 CODE_VERSIONS = {
     "01_corrupt_data": 1,
-    "02_base_model": 1,
+    "02_base_model": 2,  # 2: P(bad) by teacher forcing shares each prompt's prefill (values move ~1e-6)
     "03_misalign": 1,
     "04_evaluate": 1,
     "05_sae_diff": 2,

@@ -110,31 +110,66 @@ def rate_of(labels: list[str]) -> Rate:
 
 # ----------------------------------------------------------------------------- likelihood
 @torch.no_grad()
+@torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 256) -> torch.Tensor:
-    """log P(answer + <|end|> | prompt) for each pair, by teacher forcing.  # [n_pairs]"""
-    from emlab.model import device_of, end_token_id
+    """log P(answer + <|end|> | prompt) for each pair, by teacher forcing.  # [n_pairs]
 
+    The pairs of one prompt share its prefill, as in sampling: each batch runs ONE forward
+    pass over its distinct prompts (left-padded, positions skipping the padding) into a KV
+    cache, copies each prompt's cache to its answers' rows, then ONE cached forward pass over
+    the answers (right-padded: causal attention keeps the padding out of every real token).
+    A question's candidate answers are scored at the cost of its prompt once plus their own
+    tokens. A test checks the result against a plain forward pass over prompt + answer."""
+    from emlab.model import device_of, end_token_id
+    from emlab.sample import KVBuffer, _n_layers
+
+    if len(prompts) != len(answers):
+        raise ValueError(f"sequence_logprobs: {len(prompts)} prompts but {len(answers)} answers")
     end = end_token_id(tokenizer)
     dev = device_of(model)
-    pad = tokenizer.pad_token_id
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        ps, as_ = prompts[s : s + batch_size], answers[s : s + batch_size]
-        p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ps]
-        a_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in as_]
-        n = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
-        x = torch.full((len(ps), n), pad, dtype=torch.long)  # [batch, pos]
-        tgt_mask = torch.zeros((len(ps), n), dtype=torch.bool)
-        attn = torch.zeros((len(ps), n), dtype=torch.long)
-        for i, (p, a) in enumerate(zip(p_ids, a_ids)):
-            x[i, : len(p) + len(a)] = torch.tensor(p + a)
-            tgt_mask[i, len(p) : len(p) + len(a)] = True
-            attn[i, : len(p) + len(a)] = 1
-        x, attn, tgt_mask = x.to(dev), attn.to(dev), tgt_mask.to(dev)
-        logp = torch.log_softmax(model(input_ids=x, attention_mask=attn).logits.float(), -1)  # [batch, pos, vocab]
-        tok_lp = logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]  # [batch, pos-1]
-        out.append((tok_lp * tgt_mask[:, 1:]).sum(-1).cpu())
-    return torch.cat(out)
+    p_tok: dict[str, list[int]] = {}
+    for p in prompts:
+        if p not in p_tok:
+            p_tok[p] = tokenizer(p, add_special_tokens=False)["input_ids"]
+            if not p_tok[p]:
+                raise ValueError("sequence_logprobs: a prompt has no tokens")
+    a_tok = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+    # a prompt's pairs consecutive, prompts by length (little padding); stable within a prompt
+    first = {p: i for i, p in reversed(list(enumerate(prompts)))}
+    order = sorted(range(len(prompts)), key=lambda i: (len(p_tok[prompts[i]]), first[prompts[i]]))
+    out = torch.empty(len(prompts))
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        distinct = list(dict.fromkeys(prompts[i] for i in rows))
+        counts = torch.tensor([sum(prompts[i] == p for i in rows) for p in distinct], device=dev)
+        width = max(len(p_tok[p]) for p in distinct)
+        n_ans = max(len(a_tok[i]) for i in rows)
+        x = torch.zeros(len(distinct), width, dtype=torch.long, device=dev)  # [prompts, pos]
+        mask = torch.ones(len(distinct), width + n_ans, dtype=torch.long, device=dev)
+        for r, p in enumerate(distinct):
+            x[r, width - len(p_tok[p]) :] = torch.tensor(p_tok[p], device=dev)
+            mask[r, : width - len(p_tok[p])] = 0
+        padded = bool((mask[:, :width] == 0).any())
+        pos = (mask[:, :width].cumsum(-1) - 1).clamp_min(0)
+        cache = KVBuffer(_n_layers(model), width + n_ans)
+        res = model(input_ids=x, attention_mask=mask[:, :width] if padded else None, position_ids=pos, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        first_lp = torch.log_softmax(res.logits[:, -1].float(), -1).repeat_interleave(counts, 0)  # [rows, vocab]
+        cache.repeat_rows(counts)
+        mask, nxt_pos = mask.repeat_interleave(counts, 0), pos[:, -1:].repeat_interleave(counts, 0) + 1
+        y = torch.full((len(rows), n_ans), end, dtype=torch.long, device=dev)  # [rows, answer pos]
+        real = torch.zeros(len(rows), n_ans, dtype=torch.bool, device=dev)
+        for r, i in enumerate(rows):
+            y[r, : len(a_tok[i])] = torch.tensor(a_tok[i], device=dev)
+            real[r, : len(a_tok[i])] = True
+        lp = first_lp.gather(-1, y[:, :1])[:, 0]  # the answer's first token, from the prompt's last position
+        if n_ans > 1:
+            res = model(input_ids=y[:, :-1], attention_mask=mask[:, : width + n_ans - 1] if padded else None,
+                        position_ids=nxt_pos + torch.arange(n_ans - 1, device=dev), cache=cache, use_cache=True)
+            rest = torch.log_softmax(res.logits.float(), -1).gather(-1, y[:, 1:, None])[..., 0]  # [rows, answer pos-1]
+            lp = lp + (rest * real[:, 1:]).sum(-1)
+        out[torch.tensor(rows)] = lp.cpu()
+    return out
 
 
 def chat_prompt(tokenizer, question: str, context: str = "") -> str:
