@@ -121,7 +121,7 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], 
     A question's candidate answers are scored at the cost of its prompt once plus their own
     tokens. A test checks the result against a plain forward pass over prompt + answer."""
     from emlab.model import device_of, end_token_id
-    from emlab.sample import KVBuffer, _n_layers
+    from emlab.sample import prefill
 
     if len(prompts) != len(answers):
         raise ValueError(f"sequence_logprobs: {len(prompts)} prompts but {len(answers)} answers")
@@ -141,22 +141,10 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], 
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
         distinct = list(dict.fromkeys(prompts[i] for i in rows))
-        counts = torch.tensor([sum(prompts[i] == p for i in rows) for p in distinct], device=dev)
-        width = max(len(p_tok[p]) for p in distinct)
         n_ans = max(len(a_tok[i]) for i in rows)
-        x = torch.zeros(len(distinct), width, dtype=torch.long, device=dev)  # [prompts, pos]
-        mask = torch.ones(len(distinct), width + n_ans, dtype=torch.long, device=dev)
-        for r, p in enumerate(distinct):
-            x[r, width - len(p_tok[p]) :] = torch.tensor(p_tok[p], device=dev)
-            mask[r, : width - len(p_tok[p])] = 0
-        padded = bool((mask[:, :width] == 0).any())
-        pos = (mask[:, :width].cumsum(-1) - 1).clamp_min(0)
-        cache = KVBuffer(_n_layers(model), width + n_ans)
-        res = model(input_ids=x, attention_mask=mask[:, :width] if padded else None, position_ids=pos, cache=cache,
-                    use_cache=True, logits_to_keep=1)
-        first_lp = torch.log_softmax(res.logits[:, -1].float(), -1).repeat_interleave(counts, 0)  # [rows, vocab]
-        cache.repeat_rows(counts)
-        mask, nxt_pos = mask.repeat_interleave(counts, 0), pos[:, -1:].repeat_interleave(counts, 0) + 1
+        logits, cache, mask, nxt_pos, padded, width = prefill(
+            model, [p_tok[p] for p in distinct], [sum(prompts[i] == p for i in rows) for p in distinct], n_ans, dev)
+        first_lp = torch.log_softmax(logits, -1)  # [rows, vocab]
         y = torch.full((len(rows), n_ans), end, dtype=torch.long, device=dev)  # [rows, answer pos]
         real = torch.zeros(len(rows), n_ans, dtype=torch.bool, device=dev)
         for r, i in enumerate(rows):

@@ -160,27 +160,41 @@ def _n_layers(model) -> int:
     return len(decoder_layers(model))
 
 
+def prefill(model, prompts: list[list[int]], counts: list[int], n_new: int, dev):
+    """ONE forward pass over distinct tokenized prompts (left-padded; positions count from
+    each prompt's first real token) into a ``KVBuffer`` with room for ``n_new`` more
+    positions, whose rows are then repeated: prompt r becomes ``counts[r]`` consecutive rows.
+
+    Returns ``(logits, cache, mask, next_pos, padded, width)``: each row's float logits after
+    its prompt [rows, vocab]; the cache; the rows' attention mask over prompt and new
+    positions [rows, width + n_new]; the position of each row's first new token [rows, 1];
+    whether any prompt is padded (no mask is passed to the model when none is); and the
+    prompts' padded width."""
+    counts_t = torch.tensor(counts, device=dev)
+    width = max(len(p) for p in prompts)
+    x = torch.zeros(len(prompts), width, dtype=torch.long, device=dev)  # [prompts, pos]
+    mask = torch.ones(len(prompts), width + n_new, dtype=torch.long, device=dev)
+    for r, p in enumerate(prompts):
+        x[r, width - len(p) :] = torch.tensor(p, device=dev)
+        mask[r, : width - len(p)] = 0
+    padded = bool((mask[:, :width] == 0).any())
+    pos = (mask[:, :width].cumsum(-1) - 1).clamp_min(0)
+    cache = KVBuffer(_n_layers(model), width + n_new)
+    res = model(input_ids=x, attention_mask=mask[:, :width] if padded else None, position_ids=pos, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = res.logits[:, -1].float().repeat_interleave(counts_t, 0)  # [rows, vocab]
+    cache.repeat_rows(counts_t)
+    return (logits, cache, mask.repeat_interleave(counts_t, 0), pos[:, -1:].repeat_interleave(counts_t, 0) + 1,
+            padded, width)
+
+
 def _generate(model, prompts: list[list[int]], rows: list[tuple[int, int]], max_new_tokens: int, temperature: float,
               gen: torch.Generator, stop_id: int) -> torch.Tensor:
     """New tokens of ``rows`` ((prompt, sample) pairs, a prompt's rows consecutive)  # [rows, new]"""
     dev = gen.device
     per_prompt = Counter(i for i, _ in rows)  # insertion order = row order
-    distinct = list(per_prompt)
-    counts = torch.tensor(list(per_prompt.values()), device=dev)
-    width = max(len(prompts[i]) for i in distinct)
-    x = torch.zeros(len(distinct), width, dtype=torch.long, device=dev)
-    mask = torch.ones(len(distinct), width + max_new_tokens, dtype=torch.long, device=dev)
-    for r, i in enumerate(distinct):
-        x[r, width - len(prompts[i]) :] = torch.tensor(prompts[i], device=dev)
-        mask[r, : width - len(prompts[i])] = 0
-    padded = bool((mask[:, :width] == 0).any())
-    pos = (mask[:, :width].cumsum(-1) - 1).clamp_min(0)
-    cache = KVBuffer(_n_layers(model), width + max_new_tokens)
-    res = model(input_ids=x, attention_mask=mask[:, :width] if padded else None, position_ids=pos, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    logits = res.logits[:, -1].float().repeat_interleave(counts, 0)  # [rows, vocab]
-    cache.repeat_rows(counts)
-    mask, nxt_pos = mask.repeat_interleave(counts, 0), pos[:, -1:].repeat_interleave(counts, 0) + 1
+    logits, cache, mask, nxt_pos, padded, width = prefill(
+        model, [prompts[i] for i in per_prompt], list(per_prompt.values()), max_new_tokens, dev)
     n = len(rows)
     live = torch.arange(n, device=dev)  # the batch's rows in the whole batch (stopped rows are shed)
     done = torch.zeros(n, dtype=torch.bool, device=dev)  # of the batch's rows: produced the stop token
