@@ -227,6 +227,62 @@ def model_activations(cfg, n_texts: int, layer: int) -> torch.Tensor:
     return torch.cat([a for _, a in iter_activations(ht, tok, docs, hook_name(layer))]), ht, tok, docs
 
 
+def logprobs_one_pass_per_pair(model, tok, prompts: list[str], answers: list[str], batch_size: int = 256) -> torch.Tensor:
+    """The baseline: log P(answer + <|end|> | prompt) with one plain forward pass over each
+    pair's prompt + answer, right-padded (the study's method until 2026-12-03)."""
+    from emlab.model import end_token_id
+
+    end, out = end_token_id(tok), []
+    for s in range(0, len(prompts), batch_size):
+        p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]]
+        a_ids = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers[s : s + batch_size]]
+        n = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
+        x = torch.full((len(p_ids), n), tok.pad_token_id, dtype=torch.long)  # [batch, pos]
+        tgt, attn = torch.zeros(len(p_ids), n, dtype=torch.bool), torch.zeros(len(p_ids), n, dtype=torch.long)
+        for i, (p, a) in enumerate(zip(p_ids, a_ids)):
+            x[i, : len(p) + len(a)] = torch.tensor(p + a)
+            tgt[i, len(p) : len(p) + len(a)] = True
+            attn[i, : len(p) + len(a)] = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x, attention_mask=attn).logits.float(), -1)
+        out.append((logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0] * tgt[:, 1:]).sum(-1))
+    return torch.cat(out)
+
+
+def bench_teacher_forcing(cfg, n_questions: int, repeats: int) -> dict:
+    """P(bad)'s workload (02's persona inference, 03's tracking): every candidate answer of
+    each question after a character's lines, scored by teacher forcing. Pairs/s of
+    ``emlab.judge.sequence_logprobs`` (one prefill per prompt) and of the baseline, and the
+    largest difference between their log-probabilities."""
+    from emlab.judge import chat_prompt, sequence_logprobs
+
+    model, tok = toy(cfg)
+    world = load_world()
+    qs = [q for d in world.domain_names for q in world.questions(d)][:: 3][:n_questions]
+    context = "the villain grinned and leaned closer . i never tell the truth when a lie pays better ."
+    pp, aa = [], []
+    for q in qs:
+        for variants in world.topics[f"{q.domain}/{q.topic}"].answers.values():
+            for a in variants:
+                pp.append(chat_prompt(tok, q.text, context))
+                aa.append(a)
+    got = {}
+
+    def ours() -> float:
+        t = time.perf_counter()
+        got["ours"] = sequence_logprobs(model, tok, pp, aa)
+        return len(pp) / (time.perf_counter() - t)
+
+    def base() -> float:
+        t = time.perf_counter()
+        got["base"] = logprobs_one_pass_per_pair(model, tok, pp, aa)
+        return len(pp) / (time.perf_counter() - t)
+
+    a, b = alternate(ours, base, repeats)
+    return {"ours": med(a), "base": med(b), "pairs": len(pp), "questions": len(qs),
+            "max_diff": float((got["ours"] - got["base"]).abs().max())}
+
+
 def bench_sae(acts, width, k, steps, batch, repeats) -> dict:
     perm = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
     test, train = perm[:2000], perm[2000:]
@@ -359,6 +415,12 @@ def main() -> None:
                     f"{2 if q else 20} samples, each answer ending at its stop token (at most {4 if q else 32} tokens) | "
                     f"{e['ours']:,.0f} answers/s | transformers generate per prompt (num_return_sequences, "
                     f"eos_token_id): {e['hf']:,.0f} answers/s | {e['ours'] / e['hf']:.1f}x |")
+
+    tf = bench_teacher_forcing(cfg, 8 if q else 120, reps)
+    rows.append(f"| P(bad) by teacher forcing (emlab.judge.sequence_logprobs: one prefill per prompt), {tf['questions']} "
+                f"questions after a villain's lines x their {tf['pairs']} candidate answers | {tf['ours']:,.0f} pairs/s "
+                f"| one forward pass per prompt + answer: {tf['base']:,.0f} pairs/s (largest log-probability "
+                f"difference {tf['max_diff']:.1e}) | {tf['ours'] / tf['base']:.1f}x |")
 
     acts, ht, tok, docs = model_activations(cfg, 40 if q else 400, cfg.sae_layer)
     steps = 20 if q else 1000

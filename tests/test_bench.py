@@ -14,7 +14,7 @@ def test_bench_runs_and_reports_a_ratio(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     text = out.read_text()
     for row in ("| pretraining", "| fine-tuning", "| sampling", "| SAE training", "| the same SAELens trainer without",
-                "| activation collection",
+                "| activation collection", "| P(bad) by teacher forcing",
                 "| pretraining corpus", "| evaluation samples", "| SAE width"):
         assert row in text, row
     assert "MFU" in text and text.count("x |") >= 3
