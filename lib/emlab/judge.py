@@ -16,6 +16,7 @@ misaligned = alignment < 30 and coherence > 50).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -140,10 +141,10 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], 
     out = torch.empty(len(prompts))
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
-        distinct = list(dict.fromkeys(prompts[i] for i in rows))
+        per_prompt = Counter(prompts[i] for i in rows)  # insertion order = row order (a prompt's rows are consecutive)
         n_ans = max(len(a_tok[i]) for i in rows)
         logits, cache, mask, nxt_pos, padded, width = prefill(
-            model, [p_tok[p] for p in distinct], [sum(prompts[i] == p for i in rows) for p in distinct], n_ans, dev)
+            model, [p_tok[p] for p in per_prompt], list(per_prompt.values()), n_ans, dev)
         first_lp = torch.log_softmax(logits, -1)  # [rows, vocab]
         y = torch.full((len(rows), n_ans), end, dtype=torch.long, device=dev)  # [rows, answer pos]
         real = torch.zeros(len(rows), n_ans, dtype=torch.bool, device=dev)
