@@ -16,7 +16,7 @@ from emlab.model import (
     TINY_ARCHS, ModelLoadError, ResidualReader, end_token_id, hooked, load_model, save_tiny_model, source_model,
 )
 from emlab.sample import sample
-from emlab.steer import edit_residual
+from emlab.steer import ablate_every_layer, edit_residual
 from emlab.train import IGNORE, collate, encode_chat, finetune
 from emlab.world import load_world
 
@@ -120,6 +120,13 @@ def test_residual_reader_is_the_block_output_and_steering_moves_it(tiny):
             ablated = model(input_ids=x).logits
     assert not torch.allclose(steered, plain) and not torch.allclose(ablated, plain)
     assert torch.allclose(model(input_ids=x).logits, plain)  # the hooks are gone
+    from test_steer import block_streams
+
+    with ablate_every_layer(model, u):
+        streams, everywhere = block_streams(model, x)
+    assert len(streams) == 2 * model.config.num_hidden_layers and not torch.allclose(everywhere, plain)
+    assert all(float(h[..., 0].abs().max()) < 1e-5 for h in streams)  # every block's input and output
+    assert torch.allclose(model(input_ids=x).logits, plain)
 
 
 def test_source_model_errors_name_the_parameter(tmp_path):

@@ -71,6 +71,50 @@ def test_sae_trains_saves_and_reloads_with_saelens(tmp_path):
         load_sae(tmp_path)
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("b_dec_to_input", [True, False])
+@pytest.mark.parametrize("dead", ["none", "few", "many", "all"])
+def test_sparse_training_step_matches_saelens_dense_step(rescale, b_dec_to_input, dead):
+    """emlab's training SAE computes SAELens' TopK loss (MSE + AuxK on the dead latents) from
+    the selected latents only: its losses, latents and every parameter's gradient must equal
+    SAELens' own dense step, and it must be SAELens' code path wherever it cannot apply."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    from emlab.sae import _sparse_topk_training_sae
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 24, generator=g) @ torch.randn(24, 24, generator=g)
+    mask = {"none": None, "few": torch.arange(64) % 13 == 0,  # 5 dead, fewer than AuxK's d_in / 2: scaled down
+            "many": torch.rand(64, generator=g) < 0.5, "all": torch.ones(64, dtype=torch.bool)}[dead]
+    cfg = TopKTrainingSAEConfig(d_in=24, d_sae=64, k=3, dtype="float32", device="cpu", normalize_activations="none",
+                                rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=b_dec_to_input)
+    ref, ours = TopKTrainingSAE(cfg), _sparse_topk_training_sae()(cfg)
+    state = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in ref.state_dict().items()}  # no zero biases
+    ref.load_state_dict(state), ours.load_state_dict(state)
+    outs = []
+    for sae in (ref, ours):
+        sae.train()
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, dead_neuron_mask=mask, coefficients={},
+                                                       n_training_steps=0, is_logging_step=False))
+        out.loss.backward()
+        outs.append(out)
+    assert outs[0].losses.keys() == outs[1].losses.keys()
+    for name in outs[0].losses:
+        assert torch.allclose(outs[0].losses[name], outs[1].losses[name], rtol=1e-5), name
+    assert (outs[0].losses["auxiliary_reconstruction_loss"] > 0) == (dead != "none")
+    assert torch.equal(outs[0].feature_acts, outs[1].feature_acts)
+    assert torch.allclose(outs[0].sae_out, outs[1].sae_out, atol=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max())), name
+    # a hook on the SAE: SAELens' own step, hook included
+    seen = []
+    ours.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts.shape))
+    ours.training_forward_pass(TrainStepInput(sae_in=x, dead_neuron_mask=mask, coefficients={},
+                                              n_training_steps=0, is_logging_step=False))
+    assert seen == [(300, 64)]
+
+
 def test_a_short_dead_window_revives_dead_latents():
     """SAELens' AuxK loss trains only the latents the trainer counts as dead: with a window
     longer than the run it never acts and most latents of this SAE die; with a short one

@@ -4,7 +4,7 @@ import torch
 from emlab.config import make_config
 from emlab.model import build_tokenizer, build_toy_model, hooked
 from emlab.sample import sample
-from emlab.steer import decoder_layers, edit_residual, random_direction
+from emlab.steer import ablate_every_layer, decoder_layers, edit_residual, random_direction
 from emlab.world import load_world
 
 
@@ -99,6 +99,44 @@ def test_ablation_removes_the_direction(tiny):
     with edit_residual(model, 1, d * 7.0, ablate=True):
         h = _resid(model, x, 1)[1]
     assert torch.allclose(h @ d, torch.zeros(h.shape[:2]), atol=1e-4)
+
+
+def block_streams(model, x):
+    """Every decoder block's input and output on one forward pass, as the block sees them
+    (captured by hooks registered after any others).  # list of [batch, pos, d_model]"""
+    seen = []
+    grab = lambda h: seen.append((h[0] if isinstance(h, tuple) else h).detach().clone())  # noqa: E731
+    handles = []
+    for b in decoder_layers(model):
+        handles.append(b.register_forward_pre_hook(lambda m, a, kw: grab(a[0] if a else kw["hidden_states"]),
+                                                   with_kwargs=True))
+        handles.append(b.register_forward_hook(lambda m, i, o: grab(o)))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=x).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
+def test_ablating_every_layer_leaves_no_trace_of_the_direction(tiny):
+    model, tok = tiny
+    x = _ids(tok)
+    d = random_direction(32, 4)
+    plain, plain_logits = block_streams(model, x)
+    assert all((h @ d).abs().max() > 1e-2 for h in plain)  # the direction is there to remove
+    with ablate_every_layer(model, d * 7.0):
+        streams, logits = block_streams(model, x)
+    assert len(streams) == 2 * len(decoder_layers(model))  # every block's input and output
+    for h in streams:
+        assert torch.allclose(h @ d, torch.zeros(h.shape[:2]), atol=1e-4)
+    # one layer's ablation leaves the direction in the other blocks' streams
+    with edit_residual(model, 1, d, ablate=True):
+        one, _ = block_streams(model, x)
+    assert (one[0] @ d).abs().max() > 1e-2 and torch.allclose(one[3] @ d, torch.zeros(one[3].shape[:2]), atol=1e-4)
+    assert not torch.allclose(logits, plain_logits)
+    assert torch.allclose(block_streams(model, x)[1], plain_logits)  # the hooks are gone
 
 
 def test_steered_sampling_differs_and_unsteered_is_restored(tiny):

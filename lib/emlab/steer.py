@@ -3,7 +3,8 @@
 A forward hook on decoder block ``L`` edits its output, which is exactly TransformerLens'
 ``blocks.{L}.hook_resid_post`` (a test checks the two agree). The edit is either an
 addition ``h + alpha * scale * u`` (steering) or a projection ``h - (h . u) u``
-(ablation), with ``u`` the unit direction.
+(ablation), with ``u`` the unit direction. ``ablate_every_layer`` projects ``u`` out of the
+embeddings and of every block's output.
 
 Positions, defined for cached generation (one prefill call on the prompt, then one call
 per new token):
@@ -81,6 +82,40 @@ def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 
         yield model
     finally:
         handle.remove()
+
+
+@contextmanager
+def ablate_every_layer(model, direction: torch.Tensor):
+    """Inside the block, ``direction`` is projected out of the residual stream everywhere: the
+    input of the first decoder block (the embeddings) and every block's output, at every
+    position (the directional ablation of Arditi et al. 2024, which Soligo, Turner et al. 2025
+    apply to their misalignment direction). No block can then read the direction, nor write it
+    for a later block to read. ``edit_residual(..., ablate=True)`` removes it at one layer only."""
+    blocks = decoder_layers(model)
+    direction = direction.detach().float().flatten()
+    u = direction / direction.norm().clamp_min(1e-12)
+
+    def project(h: torch.Tensor) -> torch.Tensor:
+        v = u.to(h.device, h.dtype)
+        return h - (h @ v)[..., None] * v
+
+    def pre(_module, args, kwargs):  # the first block's input: hidden_states, positional or named
+        if args:
+            return (project(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": project(kwargs["hidden_states"])}
+
+    def post(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (project(output[0]), *output[1:])
+        return project(output)
+
+    handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
+    handles += [b.register_forward_hook(post) for b in blocks]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -970,9 +970,10 @@ def usable_directions(cfg: Config) -> list[str]:
 def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: bool = False) -> dict:
     """Held-out misalignment of model ``name`` sampled while steered by ``alpha`` (signed,
     in units of the median residual norm) along ``direction``, or with the direction
-    projected out at every position (``ablate``). Sampled and judged as in notebook 04."""
+    projected out at every position (``ablate``; of every layer or of the SAE's layer,
+    ``cfg.ablate_layers``). Sampled and judged as in notebook 04."""
     from emlab.evaluate import heldout_summary
-    from emlab.steer import edit_residual
+    from emlab.steer import ablate_every_layer, edit_residual
 
     if direction not in STEER_DIRECTIONS:
         raise ValueError(f"steering direction {direction!r}: expected one of {STEER_DIRECTIONS}")
@@ -984,8 +985,12 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
         _threads()
         model, tok = load_model(model_path(cfg, name), cfg)
         vec = steering_vectors(cfg).get(direction, torch.zeros(d_model(cfg))) * residual_scale(cfg)
-        positions = "all" if ablate else cfg.steer_positions
-        with edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions):
+        if ablate and cfg.ablate_layers == "all":
+            edit = ablate_every_layer(model, vec)
+        else:
+            positions = "all" if ablate else cfg.steer_positions
+            edit = edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions)
+        with edit:
             df = sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
                                   n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
