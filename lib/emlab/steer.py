@@ -20,6 +20,7 @@ step. The hook lives only inside the ``with`` block, so nothing leaks into later
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -60,7 +61,7 @@ def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 
     if not 0 <= layer < len(blocks):
         raise ValueError(f"steering: layer {layer}: the model has {len(blocks)} blocks")
     direction = direction.detach().float().flatten()
-    unit = direction / direction.norm().clamp_min(1e-12)
+    u = unit(direction)
 
     def hook(_module, _inputs, output):
         h = output[0] if isinstance(output, tuple) else output  # [batch, pos, d_model]
@@ -70,8 +71,7 @@ def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 
         h = h.clone()
         part = h[:, sel]
         if ablate:
-            u = unit.to(h.device, h.dtype)
-            part = part - (part @ u)[..., None] * u
+            part = _project_out(part, u)
         else:
             part = part + alpha * direction.to(h.device, h.dtype)
         h[:, sel] = part
@@ -92,12 +92,8 @@ def ablate_every_layer(model, direction: torch.Tensor):
     apply to their misalignment direction). No block can then read the direction, nor write it
     for a later block to read. ``edit_residual(..., ablate=True)`` removes it at one layer only."""
     blocks = decoder_layers(model)
-    direction = direction.detach().float().flatten()
-    u = direction / direction.norm().clamp_min(1e-12)
-
-    def project(h: torch.Tensor) -> torch.Tensor:
-        v = u.to(h.device, h.dtype)
-        return h - (h @ v)[..., None] * v
+    u = unit(direction.detach().float().flatten())
+    project = functools.partial(_project_out, u=u)
 
     def pre(_module, args, kwargs):  # the first block's input: hidden_states, positional or named
         if args:
@@ -116,6 +112,12 @@ def ablate_every_layer(model, direction: torch.Tensor):
     finally:
         for h in handles:
             h.remove()
+
+
+def _project_out(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``h - (h . u) u`` for the unit direction ``u``, on the last axis of ``h``."""
+    u = u.to(h.device, h.dtype)
+    return h - (h @ u)[..., None] * u
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
