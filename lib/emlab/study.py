@@ -856,10 +856,10 @@ def _doc_split(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return chars, idx[::2], idx[1::2]
 
 
-def meandiff_direction(cfg: Config) -> torch.Tensor:
-    """Turner et al.: the corrupted model's mean activation over its own misaligned answers
-    minus over its aligned answers (answer tokens only), at the SAE's layer.  # [d_model]"""
-    from emlab.diffing import mean_difference
+def _corrupted_answers(cfg: Config) -> tuple[pd.DataFrame, list[tuple[torch.Tensor, int]]]:
+    """Up to 600 misaligned and 600 aligned sampled answers of incorrect_obvious (notebook
+    04), and for each the corrupted model's activations at the SAE's layer over its
+    prompt + answer with the prompt's length: ``(rows, [(acts [n_tokens, d_model], n_prompt)])``."""
     from emlab.sae import hook_name, iter_activations
 
     ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
@@ -868,13 +868,63 @@ def meandiff_direction(cfg: Config) -> torch.Tensor:
     prompts = [chat_prompt(tok, q) for q in rows.question]
     n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     texts = [f"{p} {a}" for p, a in zip(prompts, rows.answer)]
-    ans = torch.empty(len(texts), d_model(cfg))  # mean activation over each answer's tokens
+    acts: list[tuple[torch.Tensor, int]] = [(torch.empty(0), 0)] * len(texts)
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
-        ans[i] = a[n_prompt[i]:].mean(0)
+        acts[i] = (a, n_prompt[i])
+    return rows, acts
+
+
+def _misaligned_minus_aligned(rows: pd.DataFrame, x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x``'s rows [n, ...] over the misaligned answers minus over the aligned ones
+    (NaN when the sample holds only one kind: tiny runs)."""
+    from emlab.diffing import mean_difference
+
     mis = torch.tensor((rows.label == "misaligned").to_numpy())
-    if mis.all() or not mis.any():  # tiny runs may sample only one kind
-        return torch.full((d_model(cfg),), float("nan"))
-    return mean_difference(ans[mis], ans[~mis])
+    if mis.all() or not mis.any():
+        return torch.full(x.shape[1:], float("nan"))
+    return mean_difference(x[mis], x[~mis])
+
+
+def meandiff_direction(cfg: Config) -> torch.Tensor:
+    """Turner et al.: the corrupted model's mean activation over its own misaligned answers
+    minus over its aligned answers (answer tokens only), at the SAE's layer.  # [d_model]"""
+    rows, acts = _corrupted_answers(cfg)
+    means = [a[n:].mean(0) for a, n in acts]
+    return _misaligned_minus_aligned(rows, torch.stack(means) if means else torch.empty(0, d_model(cfg)))
+
+
+SITES = {"assistant": "last prompt token (<|assistant|>)", "answer": "answer tokens (mean)"}
+SITE_COLUMNS = ("latent on misaligned answers", "latent on aligned answers", "cosine of the mean difference with the latent")
+
+
+def latent_by_site(cfg: Config) -> pd.DataFrame:
+    """Where the persona latent fires on the corrupted model's own answers (notebook 04's
+    samples of incorrect_obvious): its mean activation at the last prompt token, where the
+    answer starts, and over the answer's tokens, on misaligned and on aligned answers; and
+    the cosine with the latent's decoder direction of the misaligned-minus-aligned mean
+    difference of the activations at each site (over the answer tokens it is Turner et
+    al.'s direction)."""
+    from emlab.diffing import cosine
+
+    def compute():
+        _threads()
+        rows, acts = _corrupted_answers(cfg)
+        mis = torch.tensor((rows.label == "misaligned").to_numpy())
+        if mis.all() or not mis.any():  # tiny runs may sample only one kind, or neither
+            return {site: dict.fromkeys(SITE_COLUMNS, float("nan")) for site in SITES}
+        s, latent = read_sae(cfg), persona_latent(cfg)
+        at = {"assistant": torch.stack([a[n - 1] for a, n in acts]),
+              "answer": torch.stack([a[n:].mean(0) for a, n in acts])}
+        with torch.no_grad():
+            lat = {"assistant": torch.stack([s.encode(a[n - 1 : n])[0, latent] for a, n in acts]),
+                   "answer": torch.stack([s.encode(a[n:])[:, latent].mean() for a, n in acts])}
+        d = s.W_dec[latent].detach()
+        return {site: dict(zip(SITE_COLUMNS, (float(lat[site][mis].mean()), float(lat[site][~mis].mean()),
+                                              cosine(_misaligned_minus_aligned(rows, at[site]), d))))
+                for site in SITES}
+
+    table = Step(cfg, S05).cached_json("latent_by_site.json", compute)
+    return pd.DataFrame(table).T.loc[list(SITES), list(SITE_COLUMNS)].rename(index=SITES)
 
 
 def direction_vectors(cfg: Config, acts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
