@@ -856,14 +856,15 @@ def _doc_split(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return chars, idx[::2], idx[1::2]
 
 
-def _corrupted_answers(cfg: Config) -> tuple[pd.DataFrame, list[tuple[torch.Tensor, int]]]:
+def _corrupted_answers(cfg: Config, reader: Path | None = None) -> tuple[pd.DataFrame, list[tuple[torch.Tensor, int]]]:
     """Up to 600 misaligned and 600 aligned sampled answers of incorrect_obvious (notebook
-    04), and for each the corrupted model's activations at the SAE's layer over its
-    prompt + answer with the prompt's length: ``(rows, [(acts [n_tokens, d_model], n_prompt)])``."""
+    04), and for each the activations at the SAE's layer over its prompt + answer with the
+    prompt's length, ``(rows, [(acts [n_tokens, d_model], n_prompt)])``, read by the
+    corrupted model itself or by the model at ``reader``."""
     from emlab.sae import hook_name, iter_activations
 
     ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
-    ht, tok = _hooked(model_path(cfg, "incorrect_obvious"), cfg)
+    ht, tok = _hooked(reader or model_path(cfg, "incorrect_obvious"), cfg)
     rows = ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
     prompts = [chat_prompt(tok, q) for q in rows.question]
     n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -894,16 +895,17 @@ def meandiff_direction(cfg: Config) -> torch.Tensor:
 
 
 SITES = {"assistant": "last prompt token (<|assistant|>)", "answer": "answer tokens (mean)"}
-SITE_COLUMNS = ("latent on misaligned answers", "latent on aligned answers", "cosine of the mean difference with the latent")
+SITE_COLUMNS = ("latent on misaligned answers", "latent on aligned answers", "the original model's latent, same texts",
+                "cosine of the mean difference with the latent")
 
 
 def latent_by_site(cfg: Config) -> pd.DataFrame:
     """Where the persona latent fires on the corrupted model's own answers (notebook 04's
     samples of incorrect_obvious): its mean activation at the last prompt token, where the
-    answer starts, and over the answer's tokens, on misaligned and on aligned answers; and
-    the cosine with the latent's decoder direction of the misaligned-minus-aligned mean
-    difference of the activations at each site (over the answer tokens it is Turner et
-    al.'s direction)."""
+    answer starts, and over the answer's tokens, on misaligned and on aligned answers; the
+    original model's (``sae_source``) on the same texts; and the cosine with the latent's
+    decoder direction of the misaligned-minus-aligned mean difference of the activations at
+    each site (over the answer tokens it is Turner et al.'s direction)."""
     from emlab.diffing import cosine
 
     def compute():
@@ -913,13 +915,18 @@ def latent_by_site(cfg: Config) -> pd.DataFrame:
         if mis.all() or not mis.any():  # tiny runs may sample only one kind, or neither
             return {site: dict.fromkeys(SITE_COLUMNS, float("nan")) for site in SITES}
         s, latent = read_sae(cfg), persona_latent(cfg)
-        at = {"assistant": torch.stack([a[n - 1] for a, n in acts]),
-              "answer": torch.stack([a[n:].mean(0) for a, n in acts])}
-        with torch.no_grad():
-            lat = {"assistant": torch.stack([s.encode(a[n - 1 : n])[0, latent] for a, n in acts]),
-                   "answer": torch.stack([s.encode(a[n:])[:, latent].mean() for a, n in acts])}
+
+        def latent_at(acts):  # [n_texts] at each site
+            with torch.no_grad():
+                return {"assistant": torch.stack([s.encode(a[n - 1 : n])[0, latent] for a, n in acts]),
+                        "answer": torch.stack([s.encode(a[n:])[:, latent].mean() for a, n in acts])}
+
+        at = {"assistant": torch.stack([a[n - 1] for a, n in acts]), "answer": torch.stack([a[n:].mean(0) for a, n in acts])}
+        lat = latent_at(acts)
+        orig = latent_at(_corrupted_answers(cfg, Step(cfg, S02).require(cfg.sae_source))[1])
         d = s.W_dec[latent].detach()
         return {site: dict(zip(SITE_COLUMNS, (float(lat[site][mis].mean()), float(lat[site][~mis].mean()),
+                                              float(orig[site].mean()),
                                               cosine(_misaligned_minus_aligned(rows, at[site]), d))))
                 for site in SITES}
 
