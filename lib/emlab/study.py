@@ -875,28 +875,38 @@ def _corrupted_answers(cfg: Config, reader: Path | None = None) -> tuple[pd.Data
     return rows, acts
 
 
-def _misaligned_minus_aligned(rows: pd.DataFrame, x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x``'s rows [n, ...] over the misaligned answers minus over the aligned ones
-    (NaN when the sample holds only one kind: tiny runs)."""
+SITES = {"assistant": "last prompt token (<|assistant|>)", "answer": "answer tokens (mean)"}
+SITE_COLUMNS = ("latent on misaligned answers", "latent on aligned answers", "the original model's latent, same texts",
+                "cosine of the mean difference with the latent")
+
+
+def _site_activations(acts: list[tuple[torch.Tensor, int]], d: int) -> dict[str, torch.Tensor]:
+    """Each text's activation at its last prompt token and its mean over the answer's
+    tokens (``_corrupted_answers``' acts).  # {site: [n_texts, d]}"""
+    if not acts:
+        return {site: torch.empty(0, d) for site in SITES}
+    return {"assistant": torch.stack([a[n - 1] for a, n in acts]), "answer": torch.stack([a[n:].mean(0) for a, n in acts])}
+
+
+def _misaligned_minus_aligned(mis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x``'s rows [n, d] where ``mis`` [n] (the misaligned answers) minus where not
+    (NaN when the sample holds only one kind, or none: tiny runs)."""
     from emlab.diffing import mean_difference
 
-    mis = torch.tensor((rows.label == "misaligned").to_numpy())
     if mis.all() or not mis.any():
         return torch.full(x.shape[1:], float("nan"))
     return mean_difference(x[mis], x[~mis])
+
+
+def _misaligned(rows: pd.DataFrame) -> torch.Tensor:
+    return torch.tensor((rows.label == "misaligned").to_numpy())
 
 
 def meandiff_direction(cfg: Config) -> torch.Tensor:
     """Turner et al.: the corrupted model's mean activation over its own misaligned answers
     minus over its aligned answers (answer tokens only), at the SAE's layer.  # [d_model]"""
     rows, acts = _corrupted_answers(cfg)
-    means = [a[n:].mean(0) for a, n in acts]
-    return _misaligned_minus_aligned(rows, torch.stack(means) if means else torch.empty(0, d_model(cfg)))
-
-
-SITES = {"assistant": "last prompt token (<|assistant|>)", "answer": "answer tokens (mean)"}
-SITE_COLUMNS = ("latent on misaligned answers", "latent on aligned answers", "the original model's latent, same texts",
-                "cosine of the mean difference with the latent")
+    return _misaligned_minus_aligned(_misaligned(rows), _site_activations(acts, d_model(cfg))["answer"])
 
 
 def latent_by_site(cfg: Config) -> pd.DataFrame:
@@ -911,23 +921,21 @@ def latent_by_site(cfg: Config) -> pd.DataFrame:
     def compute():
         _threads()
         rows, acts = _corrupted_answers(cfg)
-        mis = torch.tensor((rows.label == "misaligned").to_numpy())
+        mis = _misaligned(rows)
         if mis.all() or not mis.any():  # tiny runs may sample only one kind, or neither
             return {site: dict.fromkeys(SITE_COLUMNS, float("nan")) for site in SITES}
         s, latent = read_sae(cfg), persona_latent(cfg)
 
-        def latent_at(acts):  # [n_texts] at each site
-            with torch.no_grad():
-                return {"assistant": torch.stack([s.encode(a[n - 1 : n])[0, latent] for a, n in acts]),
-                        "answer": torch.stack([s.encode(a[n:])[:, latent].mean() for a, n in acts])}
+        @torch.no_grad()
+        def latent_at(acts):  # {site: [n_texts]}
+            return {"assistant": s.encode(torch.stack([a[n - 1] for a, n in acts]))[:, latent],
+                    "answer": torch.stack([s.encode(a[n:])[:, latent].mean() for a, n in acts])}
 
-        at = {"assistant": torch.stack([a[n - 1] for a, n in acts]), "answer": torch.stack([a[n:].mean(0) for a, n in acts])}
-        lat = latent_at(acts)
+        at, lat = _site_activations(acts, d_model(cfg)), latent_at(acts)
         orig = latent_at(_corrupted_answers(cfg, Step(cfg, S02).require(cfg.sae_source))[1])
         d = s.W_dec[latent].detach()
         return {site: dict(zip(SITE_COLUMNS, (float(lat[site][mis].mean()), float(lat[site][~mis].mean()),
-                                              float(orig[site].mean()),
-                                              cosine(_misaligned_minus_aligned(rows, at[site]), d))))
+                                              float(orig[site].mean()), cosine(_misaligned_minus_aligned(mis, at[site]), d))))
                 for site in SITES}
 
     table = Step(cfg, S05).cached_json("latent_by_site.json", compute)
