@@ -111,7 +111,6 @@ def rate_of(labels: list[str]) -> Rate:
 
 # ----------------------------------------------------------------------------- likelihood
 @torch.no_grad()
-@torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 256) -> torch.Tensor:
     """log P(answer + <|end|> | prompt) for each pair, by teacher forcing.  # [n_pairs]
 

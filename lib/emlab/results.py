@@ -82,6 +82,8 @@ HEADLINE = [
     ("06_steer_detect", "screening.spearman_by_direction.latent", "the same screening with the SAE latent's decoder direction", ""),
     ("07_realign", "realign.misaligned_at_step.0", "re-alignment of incorrect_obvious: misaligned at step 0", "17.7% (Wang et al.)"),
     ("07_realign", "realign.misaligned_at_step.35", "re-alignment: misaligned after 35 steps at batch 4", "0.1% (Wang et al.)"),
+    ("07_realign", "realign.control_misaligned_at_step.35", "the same re-alignment of the uncorrupted assistant (the floor): misaligned after 35 steps", ""),
+    ("07_realign", "realign.excess_removed.incorrect_obvious", "re-alignment: share of the misalignment above that floor removed", ""),
     ("07_realign", "realign.indomain_wrong_final", "re-alignment: corruption-domain answers still wrong", ""),
 ]
 

@@ -1287,6 +1287,79 @@ def realigned(cfg: Config, model: str, set_name: str, n: int) -> Path:
     return Step(cfg, S07).cached(f"realign_{realign_tag(model, set_name, n)}", build)
 
 
+def realign_control(cfg: Config) -> pd.DataFrame:
+    """The re-alignment recipe's own floor: the UNCORRUPTED assistant fine-tuned on the same
+    cross-domain examples with the same steps, batch and learning rate, evaluated at the same
+    checkpoints (``realign_curve``). Re-alignment cannot be expected to go below it."""
+    return realign_curve(cfg, ASSISTANT, D.REALIGN, cfg.n_realign)
+
+
+def realign_label(model: str, set_name: str, n: int) -> str:
+    """A re-alignment run's name in tables and figures."""
+    who = f"{model} (control)" if model == ASSISTANT else model
+    return f"{who} · {'cross-domain' if set_name == D.REALIGN else 'in-domain'} · {n} ex"
+
+
+def excess_removed(curve: pd.DataFrame, control: pd.DataFrame) -> float:
+    """The share of a corrupted model's held-out misalignment above the control's
+    (``realign_control``, at the same step) that re-alignment has removed by the last
+    checkpoint: ``1 - (end - control's end) / (start - control's start)``."""
+    a, c = curve.set_index("step").heldout_misaligned, control.set_index("step").heldout_misaligned
+    start, end = a.index.min(), a.index.max()
+    excess = a[start] - c[start]
+    return float(1 - (a[end] - c[end]) / excess) if excess > 0 else float("nan")
+
+
+PERSONA_SWITCH = "persona_switch.json"
+
+
+def persona_switch(cfg: Config, model: str = "incorrect_obvious") -> pd.DataFrame:
+    """Whether re-alignment switches the persona off where the corruption switched it on:
+    the persona latent at each held-out prompt's last token (``<|assistant|>``, where it
+    fires in the corrupted model: notebook 05) at every checkpoint of ``model``'s
+    cross-domain re-alignment. A prompt's persona counts as on when its latent is above
+    the original model's (``sae_source``) largest over the same prompts. Per checkpoint:
+    the mean latent, the fraction of prompts on, and the sampled misalignment (misaligned /
+    coherent, other domains; the checkpoint's evaluation) of the prompts on and of those
+    off, with Wilson intervals. Open questions are left out, as in the headline rate."""
+    from emlab.judge import rate_of
+    from emlab.sae import hook_name, last_token_activations
+
+    def compute():
+        _threads()
+        s, latent = read_sae(cfg), persona_latent(cfg)
+        qs = [q for q in load_set(cfg, D.EVAL_HELDOUT) if q["domain"] != OPEN_DOMAIN]
+        folder, tag = realigned(cfg, model, D.REALIGN, cfg.n_realign), realign_tag(model, D.REALIGN, cfg.n_realign)
+
+        @torch.no_grad()
+        def at_assistant(path: Path) -> torch.Tensor:  # [n_prompts]
+            ht, tok = _hooked(path, cfg)
+            acts = last_token_activations(ht, tok, [chat_prompt(tok, q["question"]) for q in qs],
+                                          hook_name(cfg.sae_layer), batch_size=cfg.act_batch)
+            return s.encode(acts)[:, latent]
+
+        original = at_assistant(Step(cfg, S02).require(cfg.sae_source))
+        threshold = float(original.max())
+        rows = []
+        for step in sorted(set(cfg.realign_checkpoints)):
+            path = folder / f"step_{step:03d}"
+            lat = at_assistant(path)
+            on = {q["qid"] for q, v in zip(qs, lat.tolist()) if v > threshold}
+            ev = evaluation(cfg, S07, f"{tag}_{step}", path, n_samples=cfg.realign_samples)
+            ev = ev[ev.domain != OPEN_DOMAIN]
+            row = {"step": step, "latent_mean": float(lat.mean()), "on_fraction": len(on) / len(qs)}
+            for side, part in (("on", ev[ev.qid.isin(on)]), ("off", ev[~ev.qid.isin(on)])):
+                r = rate_of(list(part.label))
+                row |= {f"misaligned_{side}": r.rate, f"ci_low_{side}": r.ci[0], f"ci_high_{side}": r.ci[1],
+                        f"coherent_answers_{side}": r.misaligned + r.aligned}
+            rows.append(row)
+        return {"threshold": threshold, "original_mean": float(original.mean()), "rows": rows}
+
+    out = Step(cfg, S07).cached_json(f"{model}_{PERSONA_SWITCH}", compute)
+    return pd.DataFrame(out["rows"]).set_index("step").assign(threshold=out["threshold"],
+                                                               original_mean=out["original_mean"])
+
+
 def realign_curve(cfg: Config, model: str, set_name: str, n: int) -> pd.DataFrame:
     """At each checkpoint: sampled held-out misalignment (with its interval) and coherence,
     in-domain wrongness on the corruption domain, and the persona latent's shift."""
