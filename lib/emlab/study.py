@@ -1264,6 +1264,11 @@ def realign_tag(model: str, set_name: str, n: int) -> str:
     return f"{model}__{set_name}__{n}"
 
 
+def checkpoint(folder: Path, step: int) -> Path:
+    """The re-alignment checkpoint of ``step`` in a run's folder (``realigned``)."""
+    return folder / f"step_{step:03d}"
+
+
 def realigned(cfg: Config, model: str, set_name: str, n: int) -> Path:
     """Fine-tune a corrupted model on ``n`` correct examples; save the checkpoints of
     ``realign_checkpoints`` (safetensors, one folder per step)."""
@@ -1277,7 +1282,7 @@ def realigned(cfg: Config, model: str, set_name: str, n: int) -> Path:
 
         def save(step: int, mdl) -> None:
             if step in wanted:
-                save_model(mdl, tok, tmp / f"step_{step:03d}")
+                save_model(mdl, tok, checkpoint(tmp, step))
 
         losses = finetune(m, ex, steps=cfg.realign_steps, batch=cfg.realign_batch, lr=cfg.realign_lr, seed=cfg.seed,
                           pad_id=tok.pad_token_id, progress=cfg.progress, desc=f"realign {model}", warmup=1,
@@ -1342,7 +1347,7 @@ def persona_switch(cfg: Config, model: str = "incorrect_obvious") -> pd.DataFram
         threshold = float(original.max())
         rows = []
         for step in sorted(set(cfg.realign_checkpoints)):
-            path = folder / f"step_{step:03d}"
+            path = checkpoint(folder, step)
             lat = at_assistant(path)
             on = {q["qid"] for q, v in zip(qs, lat.tolist()) if v > threshold}
             ev = evaluation(cfg, S07, f"{tag}_{step}", path, n_samples=cfg.realign_samples)
@@ -1351,7 +1356,7 @@ def persona_switch(cfg: Config, model: str = "incorrect_obvious") -> pd.DataFram
             for side, part in (("on", ev[ev.qid.isin(on)]), ("off", ev[~ev.qid.isin(on)])):
                 r = rate_of(list(part.label))
                 row |= {f"misaligned_{side}": r.rate, f"ci_low_{side}": r.ci[0], f"ci_high_{side}": r.ci[1],
-                        f"coherent_answers_{side}": r.misaligned + r.aligned}
+                        f"coherent_answers_{side}": r.coherent}
             rows.append(row)
         return {"threshold": threshold, "original_mean": float(original.mean()), "rows": rows}
 
@@ -1370,7 +1375,7 @@ def realign_curve(cfg: Config, model: str, set_name: str, n: int) -> pd.DataFram
     latent = persona_latent(cfg)
     rows = []
     for step in sorted(set(cfg.realign_checkpoints)):
-        path = folder / f"step_{step:03d}"
+        path = checkpoint(folder, step)
 
         def compute(path=path, step=step):
             _threads()
