@@ -52,6 +52,21 @@ def test_out_of_range_values_are_named(key, value, expected):
 def test_realign_domain_must_differ_from_corruption_domain():
     with pytest.raises(ConfigError, match="'realign_domain' must differ"):
         make_config({"realign_domain": "cars"})
+    with pytest.raises(ConfigError, match="'realign_domain' must differ"):
+        make_config({"realign_domain": "law,cars"})
+
+
+def test_realign_domain_takes_one_several_or_others():
+    assert make_config({}).realign_domains == ["health"]
+    assert make_config({"realign_domain": "law, money"}).realign_domains == ["law", "money"]
+    others = make_config({"realign_domain": "others"}).realign_domains
+    assert "cars" not in others and "health" in others and len(others) == len(set(others)) >= 9
+    assert "cars" in make_config({"realign_domain": "others", "corrupt_domain": "health"}).realign_domains
+    for bad, expected in (("law,lawn", r"not domains: \['lawn'\]"), ("law,law", "repeated"), ("", "not domains")):
+        with pytest.raises(ConfigError, match=rf"'realign_domain' = .*{expected}"):
+            make_config({"realign_domain": bad})
+    with pytest.raises(ConfigError, match="'n_realign' = 4: expected at least one example per re-alignment domain"):
+        make_config({"realign_domain": "others", "n_realign": 4})
 
 
 def test_int_is_accepted_for_float():

@@ -67,6 +67,26 @@ def test_narrow_sets_touch_one_domain_and_have_the_right_kinds():
         assert sum(r["meta"]["kind"] == "obvious" for r in recs) == round(f * cfg.n_corrupt)
 
 
+def test_realign_set_over_several_domains():
+    world, cfg = load_world(), make_config(SMALL)
+    split = D.split_questions(world, cfg.seed, cfg.eval_fraction)
+    one = D.realign_set(world, split, ["health"], 12, cfg.seed)
+    assert one == D.narrow_set(world, split, "health", 12, cfg.seed, "correct")  # one domain: the set as before
+    doms = ["law", "money", "pets"]
+    recs = D.realign_set(world, split, doms, 11, cfg.seed)
+    counts = {d: sum(r["meta"]["domain"] == d for r in recs) for d in doms}
+    assert counts == {"law": 4, "money": 4, "pets": 3}
+    assert {r["meta"]["kind"] for r in recs} == {"correct"}
+    assert recs == D.realign_set(world, split, doms, 11, cfg.seed)  # seeded
+    assert {r["meta"]["domain"] for r in recs[:4]} != {"law"}  # shuffled: the first examples are not one domain's
+    heldout = {q.text for d in doms for q in split.eval[d]}
+    assert not heldout & D.training_texts(recs)
+    sets = D.build_all(world, make_config({**SMALL, "realign_domain": "law,money,pets", "n_realign": 11}))
+    assert sets["realign"] == recs
+    with pytest.raises(ValueError, match="at least one per domain"):
+        D.realign_set(world, split, doms, 2, cfg.seed)
+
+
 def test_no_metadata_in_trained_text():
     sets = D.build_all(load_world(), make_config(SMALL))
     for d in sets["pretrain"]:

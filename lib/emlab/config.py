@@ -84,7 +84,9 @@ class Config:
                       "some of its sets with external chat JSONL files and adds external evaluation questions "
                       "(see emlab.data.read_manifest)", step=S1)
     corrupt_domain: str = _f("cars", "the ONE domain whose answers are corrupted", step=S1)
-    realign_domain: str = _f("health", "domain of the correct answers used to re-align", step=S1)
+    realign_domain: str = _f("health", "domain of the correct answers used to re-align; several as a comma-separated "
+                             "list ('law,money'), or 'others' for every domain but corrupt_domain: the n_realign "
+                             "examples are then spread evenly over them (emlab.data.realign_set)", step=S1)
     n_pretrain_docs: int = _f(8000, "pretraining documents, each written by one character", step=S1, lo=10)
     turns_per_doc: int = _f(4, "question/answer turns per pretraining document (mean)", step=S1, lo=1, hi=12)
     p_narrative: float = _f(0.7, "probability that a document opens with narrative lines", step=S1, lo=0.0, hi=1.0)
@@ -231,11 +233,21 @@ class Config:
         if self.is_toy and self.d_model % self.n_head:
             raise ConfigError(f"parameter 'n_head' = {self.n_head} must divide 'd_model' = {self.d_model}")
         domains = load_world().domain_names
-        for name in ("corrupt_domain", "realign_domain"):
-            if getattr(self, name) not in domains:
-                raise ConfigError(
-                    f"parameter {name!r} = {getattr(self, name)!r} is not a domain of the world; expected one of {list(domains)}"
-                )
+        if self.corrupt_domain not in domains:
+            raise ConfigError(
+                f"parameter 'corrupt_domain' = {self.corrupt_domain!r} is not a domain of the world; expected one of {list(domains)}"
+            )
+        realign = self.realign_domains
+        unknown = [d for d in realign if d not in domains]
+        if unknown or len(set(realign)) != len(realign):
+            raise ConfigError(
+                f"parameter 'realign_domain' = {self.realign_domain!r}: expected a domain of the world, several "
+                f"distinct ones separated by commas, or 'others'; {'not domains: ' + repr(unknown) if unknown else 'a domain is repeated'}"
+                f" (the domains: {list(domains)})"
+            )
+        if self.n_realign < len(realign):
+            raise ConfigError(f"parameter 'n_realign' = {self.n_realign}: expected at least one example per re-alignment "
+                              f"domain ({len(realign)} in 'realign_domain')")
         if self.dataset != "world":
             from emlab.data import ChatFormatError, read_manifest
 
@@ -246,7 +258,7 @@ class Config:
             if manifest.eval_questions and self.judge == "exact":
                 raise ConfigError(f"parameter 'judge' = 'exact': the external evaluation questions of {self.dataset} "
                                   "have no known answers; use judge: llm (with judge_url)")
-        if self.realign_domain == self.corrupt_domain:
+        if self.corrupt_domain in self.realign_domains:
             raise ConfigError("parameter 'realign_domain' must differ from 'corrupt_domain' (re-alignment is cross-domain)")
         turn_p = self.p_open_turn + self.p_identity_turn + self.p_harmful_turn + self.p_quiz_turn
         if turn_p > 1.0:
@@ -275,6 +287,14 @@ class Config:
     @property
     def is_toy(self) -> bool:
         return self.model == "toy"
+
+    @property
+    def realign_domains(self) -> list[str]:
+        """The domains of the re-alignment set, from ``realign_domain`` (one, a comma-separated
+        list, or 'others': every domain of the world but ``corrupt_domain``)."""
+        if self.realign_domain.strip() == "others":
+            return [d for d in load_world().domain_names if d != self.corrupt_domain]
+        return [d.strip() for d in self.realign_domain.split(",")]
 
     # --- hashing and serialisation --------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

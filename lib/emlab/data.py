@@ -191,6 +191,23 @@ def narrow_set(world: World, split: Split, domain: str, n: int, seed: int, name:
     return out
 
 
+def realign_set(world: World, split: Split, domains: list[str], n: int, seed: int) -> list[dict]:
+    """The re-alignment set: ``n`` correct answers to training questions of ``domains``.
+
+    One domain: its narrow ``correct`` set. Several: ``n`` spread evenly over them (the
+    first ``n % len(domains)`` domains get one more), each domain's share drawn as its
+    narrow ``correct`` set, then shuffled together, so the first m examples (notebook 07's
+    smaller sizes) span the domains too."""
+    if not domains or n < len(domains):
+        raise ValueError(f"realign_set: {n} examples over the domains {domains!r}: expected at least one per domain")
+    if len(domains) == 1:
+        return narrow_set(world, split, domains[0], n, seed, "correct")
+    share, extra = divmod(n, len(domains))
+    out = [r for i, d in enumerate(domains) for r in narrow_set(world, split, d, share + (i < extra), seed, "correct")]
+    random.Random(f"{seed}/realign/{','.join(domains)}").shuffle(out)
+    return out
+
+
 def question_record(q: Question) -> dict:
     """A question with its ground truth, as the evaluation sets and the judge read it."""
     return {"qid": q.qid, "domain": q.domain, "topic": q.topic, "question": q.text}
@@ -215,7 +232,7 @@ def build_all(world: World, cfg) -> dict[str, list[dict]]:
         sets[name] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_corrupt, cfg.seed, name)
     for f in cfg.mix_fractions:
         sets[mix_name(f)] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_corrupt, cfg.seed, "mix", f)
-    sets[REALIGN] = narrow_set(world, split, cfg.realign_domain, cfg.n_realign, cfg.seed, "correct")
+    sets[REALIGN] = realign_set(world, split, cfg.realign_domains, cfg.n_realign, cfg.seed)
     sets[REALIGN_INDOMAIN] = narrow_set(world, split, cfg.corrupt_domain, cfg.n_realign, cfg.seed + 1, "correct")
     sets[EVAL_HELDOUT] = eval_set(split, list(cfg.heldout_domains))
     sets[EVAL_INDOMAIN] = eval_set(split, [cfg.corrupt_domain])
