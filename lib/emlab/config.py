@@ -293,7 +293,7 @@ class Config:
         """The domains of the re-alignment set, from ``realign_domain`` (one, a comma-separated
         list, or 'others': every domain of the world but ``corrupt_domain``)."""
         if self.realign_domain.strip() == "others":
-            return [d for d in load_world().domain_names if d != self.corrupt_domain]
+            return [d for d in self.heldout_domains if d != OPEN_DOMAIN]
         return [d.strip() for d in self.realign_domain.split(",")]
 
     # --- hashing and serialisation --------------------------------------------------------
