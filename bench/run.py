@@ -32,8 +32,8 @@ import statistics
 import time
 from pathlib import Path
 
+import emlab  # noqa: F401  (before torch runs anything: the study's CPU kernels, emlab.kernels)
 import torch
-
 from emlab.config import make_config
 from emlab.model import build_tokenizer, build_toy_model, hooked
 from emlab.runner import machine

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+import emlab  # noqa: F401  (first: pins torch's CPU kernels before any torch operation, emlab.kernels)
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 

@@ -43,6 +43,13 @@ class MissingArtifactError(FileNotFoundError):
     """An upstream artifact is missing; the message says which notebook makes it."""
 
 
+def cpu_kernels() -> str:
+    """The instruction set of torch's CPU kernels in this process (``emlab.kernels``)."""
+    from emlab.kernels import in_use
+
+    return in_use()
+
+
 def project_root() -> Path:
     """The project root: $EMLAB_ROOT, else the nearest folder above cwd with a
     pyproject.toml naming emlab, else the checkout this package lives in."""
@@ -142,14 +149,24 @@ class Step:
         return self.path / (name + META_SUFFIX)
 
     def is_fresh(self, name: str) -> bool:
-        """The artifact exists and was made by a config with the same step hash."""
+        """The artifact exists and was made by a config with the same step hash, on CPU
+        kernels of the same instruction set (``emlab.kernels``: other kernels, another draw)."""
+        return self.stale_reason(name) is None
+
+    def stale_reason(self, name: str) -> str | None:
+        """Why the artifact cannot be reused (None: it can)."""
         target, meta = self.path / name, self.meta_path(name)
         if not (target.exists() and meta.is_file()):
-            return False
+            return "missing"
         try:
-            return json.loads(meta.read_text(encoding="utf-8")).get("hash") == self.hash
+            made = json.loads(meta.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError):
-            return False
+            return f"unreadable {meta.name}"
+        if made.get("hash") != self.hash:
+            return f"made by a different config (hash {made.get('hash')} != {self.hash})"
+        if made.get("cpu_kernels") != cpu_kernels():
+            return f"made with {made.get('cpu_kernels') or 'unrecorded'} CPU kernels, this process runs {cpu_kernels()}"
+        return None
 
     def cached(self, name: str, build: Callable[[Path], None]) -> Path:
         """Return the artifact ``name``, building it with ``build(tmp_path)`` unless fresh.
@@ -165,7 +182,7 @@ class Step:
             log.info("reusing %s/%s (config hash %s)", self.name, name, self.hash)
             return target
         if target.exists():
-            log.warning("%s/%s was made by another config: recomputing", self.name, name)
+            log.warning("%s/%s was %s: recomputing", self.name, name, self.stale_reason(name))
         self._build(name, build)
         return target
 
@@ -197,7 +214,8 @@ class Step:
         if not tmp.exists():
             raise RuntimeError(f"building {self.name}/{name} wrote nothing at {tmp}")
         _replace(tmp, target)
-        atomic_write_json(self.meta_path(name), {"hash": self.hash, "step": self.name, "config": self.cfg.to_dict()})
+        atomic_write_json(self.meta_path(name), {"hash": self.hash, "step": self.name, "cpu_kernels": cpu_kernels(),
+                                                 "config": self.cfg.to_dict()})
 
     def cached_json(self, name: str, compute: Callable[[], Any]) -> Any:
         """A JSON artifact computed by ``compute()`` unless fresh; returns its content."""
@@ -212,9 +230,10 @@ class Step:
                 f"{target} is missing: run {notebook_for(self.name)} first "
                 f"(emlab run configs/{self.cfg.run}.yaml --only {self.name[:2]})"
             )
-        if not self.is_fresh(name):
+        reason = self.stale_reason(name)
+        if reason is not None:
             raise MissingArtifactError(
-                f"{target} was made by a different config (hash != {self.hash}): rerun "
+                f"{target} was {reason}: rerun "
                 f"{notebook_for(self.name)} (emlab run configs/{self.cfg.run}.yaml --only {self.name[:2]})"
             )
         return target

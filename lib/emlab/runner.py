@@ -76,13 +76,15 @@ RUN_LOG = "run_log.json"
 
 def machine() -> dict[str, str | int]:
     """What a run's numbers depend on besides its config: the CPU, the instruction set its
-    kernels use, the notebooks' thread count and the versions. The same seed gives bit-identical
-    results on machines that agree on these; float rounding differs between instruction
-    sets (AVX-512 vs AVX2), and training amplifies it into another model (README, Robustness)."""
+    kernels use (AVX2 on every x86 machine unless ``EMLAB_CPU_KERNELS=native``: emlab.kernels),
+    the notebooks' thread count and the versions. The same seed gives bit-identical results
+    on machines that agree on these; float rounding differs between instruction sets (AVX-512
+    vs AVX2), and training amplifies it into another model (README, Robustness)."""
     import platform
 
     import torch
 
+    from emlab.kernels import requested
     from emlab.model import study_threads
 
     cpu = platform.processor() or platform.machine()
@@ -91,7 +93,8 @@ def machine() -> dict[str, str | int]:
         names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text(errors="replace").splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": study_threads(),
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_kernels_requested": requested(),
+            "torch_threads": study_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from emlab import data as D
+from emlab import kernels
 from emlab.artifacts import Step
 from emlab.config import Config
 from emlab.evaluate import sample_and_judge
@@ -38,6 +39,7 @@ SEQ_LEN = 128  # pretraining window; a document is ~130 tokens, so a window sees
 
 def _threads() -> None:
     torch.set_num_threads(study_threads())
+    kernels.check()
 
 
 def load_model(path: Path, cfg: Config):
