@@ -55,6 +55,9 @@ def test_cpu_flags_reads_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
     assert kernels.cpu_flags(info) == {"fpu", "avx2", "fma"}
     assert kernels.cpu_flags(tmp_path / "absent") == set()
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n")
+    assert kernels.cpuinfo_field("model name", info) == "AMD EPYC"
+    assert kernels.cpuinfo_field("bogus", info) is None
 
 
 def _has_avx2() -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from emlab.config import STEPS, Config
+from emlab.kernels import in_use as cpu_kernels
 
 log = logging.getLogger("emlab")
 
@@ -41,13 +42,6 @@ def _process_group() -> tuple[int, int]:
 
 class MissingArtifactError(FileNotFoundError):
     """An upstream artifact is missing; the message says which notebook makes it."""
-
-
-def cpu_kernels() -> str:
-    """The instruction set of torch's CPU kernels in this process (``emlab.kernels``)."""
-    from emlab.kernels import in_use
-
-    return in_use()
 
 
 def project_root() -> Path:
@@ -164,8 +158,9 @@ class Step:
             return f"unreadable {meta.name}"
         if made.get("hash") != self.hash:
             return f"made by a different config (hash {made.get('hash')} != {self.hash})"
-        if made.get("cpu_kernels") != cpu_kernels():
-            return f"made with {made.get('cpu_kernels') or 'unrecorded'} CPU kernels, this process runs {cpu_kernels()}"
+        here = cpu_kernels()
+        if made.get("cpu_kernels") != here:
+            return f"made with {made.get('cpu_kernels') or 'unrecorded'} CPU kernels, this process runs {here}"
         return None
 
     def cached(self, name: str, build: Callable[[Path], None]) -> Path:

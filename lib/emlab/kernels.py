@@ -4,16 +4,18 @@ torch picks its vectorised kernels (softmax, layer norm, GELU, attention, the op
 updates...) by the CPU's widest instruction set, and AVX-512 kernels round differently from
 AVX2 ones. Training amplifies the difference: the same seed trained another model on an
 AVX-512 machine than on the AVX2 machine that publishes the study (README, "The same seed on
-another CPU"). ``pin()`` therefore asks torch (and MKL and oneDNN, which honour it on Intel
-CPUs) for AVX2 kernels on any x86 CPU that has AVX2, before torch runs its first operation.
+another CPU"). ``pin()`` therefore asks torch (and MKL and oneDNN, whose settings are
+documented for Intel CPUs; untested there) for AVX2 kernels on any x86 CPU that has AVX2,
+before torch runs its first operation.
 
 Measured on 2026-12-04 (README): a 2-core AMD EPYC with AVX-512, pinned, reproduced the
 published AVX2 run's pretrained model, both assistants, the seven narrow fine-tunes and six
-of the eight RL runs (every table of notebooks 01 and 02, and the numbers 03, 04 and 07 print
-for those models, identical to the last digit; without the pin, none were). Two RL runs, one
-checkpoint of 07's control and the SAEs still diverged: what differs besides the kernels (MKL ignores MKL_CBWR on
-AMD CPUs, and its blocking follows the caches) is not controlled here. The pin costs about
-3% in pretraining there (bench/: matmuls go through MKL either way).
+of the eight RL runs (every table of notebooks 01 and 02, and the numbers 03, 04 and 07
+print for those models, identical to the last digit; without the pin, none were). Two RL
+runs, one checkpoint of 07's control and the SAEs still diverged: what differs besides the
+kernels is not found (MKL ignores MKL_CBWR on AMD CPUs; MKL_ENABLE_INSTRUCTIONS and
+FBGEMM_ENABLE_INSTRUCTIONS changed nothing; MKL's cache-dependent blocking is a guess). The pin costs about 3% in pretraining there (bench/: matmuls go through MKL
+either way).
 
 ``EMLAB_CPU_KERNELS``: ``avx2`` (the default) or ``native`` (torch's own choice: faster on
 some machines, another draw of every result). An ``ATEN_CPU_CAPABILITY`` already set in the
@@ -47,15 +49,20 @@ def requested() -> str:
     return value
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+def cpuinfo_field(key: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first ``key : value`` of /proc/cpuinfo (None where it is not there)."""
     try:
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == key:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    return set((cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def pin(environ=os.environ, flags: set[str] | None = None, machine: str | None = None) -> bool:

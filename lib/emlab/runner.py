@@ -78,22 +78,18 @@ def machine() -> dict[str, str | int]:
     """What a run's numbers depend on besides its config: the CPU, the instruction set its
     kernels use (AVX2 on every x86 machine unless ``EMLAB_CPU_KERNELS=native``: emlab.kernels),
     the notebooks' thread count and the versions. The same seed gives bit-identical results
-    on machines that agree on these; float rounding differs between instruction sets (AVX-512
-    vs AVX2), and training amplifies it into another model (README, Robustness)."""
+    on machines of the same kind that agree on these; float rounding differs between instruction
+    sets (AVX-512 vs AVX2), and training amplifies it into another model, and even with the same
+    kernels two kinds of CPU still part in some runs (README, "The same seed on another CPU")."""
     import platform
 
     import torch
 
-    from emlab.kernels import requested
+    from emlab.kernels import cpuinfo_field, in_use, requested
     from emlab.model import study_threads
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text(errors="replace").splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_kernels_requested": requested(),
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
+    return {"cpu": cpu, "cpu_capability": in_use(), "cpu_kernels_requested": requested(),
             "torch_threads": study_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
 
