@@ -110,3 +110,14 @@ def test_steered_sampling(tiny):
     with edit_residual(model, 1, random_direction(32, 1), ablate=True):
         out.append(sampled(model, tok))
     check("emlab.steer.edit_residual", out, "06_steer_detect", "118c40caf2a409c6")
+
+
+def test_ablated_sampling(tiny):
+    from emlab.steer import ablate_every_layer, random_direction
+
+    model, tok = tiny
+    out = []
+    for seed in range(4):
+        with ablate_every_layer(model, random_direction(32, seed)):
+            out.append(sampled(model, tok))
+    check("emlab.steer.ablate_every_layer", out, "06_steer_detect", "64b7a12f62d95782")

@@ -124,8 +124,8 @@ def test_residual_reader_is_the_block_output_and_steering_moves_it(tiny):
 
     with ablate_every_layer(model, u):
         streams, everywhere = block_streams(model, x)
-    assert len(streams) == 2 * model.config.num_hidden_layers and not torch.allclose(everywhere, plain)
-    assert all(float(h[..., 0].abs().max()) < 1e-5 for h in streams)  # every block's input and output
+    assert len(streams) == 3 * model.config.num_hidden_layers and not torch.allclose(everywhere, plain)
+    assert all(float(h[..., 0].abs().max()) < 1e-5 for h in streams)  # every block's input, middle and output
     assert torch.allclose(model(input_ids=x).logits, plain)
 
 

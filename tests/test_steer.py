@@ -4,7 +4,7 @@ import torch
 from emlab.config import make_config
 from emlab.model import build_tokenizer, build_toy_model, hooked
 from emlab.sample import sample
-from emlab.steer import ablate_every_layer, decoder_layers, edit_residual, random_direction
+from emlab.steer import ablate_every_layer, decoder_layers, edit_residual, random_direction, residual_writers
 from emlab.world import load_world
 
 
@@ -101,15 +101,25 @@ def test_ablation_removes_the_direction(tiny):
     assert torch.allclose(h @ d, torch.zeros(h.shape[:2]), atol=1e-4)
 
 
+#: the norm before each block's MLP, whose input is the block's middle residual stream
+#: (resid_mid: the block's input plus its attention's write; in GPT-NeoX's parallel
+#: residual, the block's input again)
+MID_NORMS = ("ln_2", "post_attention_layernorm")
+
+
 def block_streams(model, x):
-    """Every decoder block's input and output on one forward pass, as the block sees them
-    (captured by hooks registered after any others).  # list of [batch, pos, d_model]"""
+    """Every decoder block's input, middle (what its MLP reads) and output on one
+    forward pass, as the block sees them (captured by hooks registered after any others).
+    # list of [batch, pos, d_model]"""
     seen = []
     grab = lambda h: seen.append((h[0] if isinstance(h, tuple) else h).detach().clone())  # noqa: E731
     handles = []
     for b in decoder_layers(model):
         handles.append(b.register_forward_pre_hook(lambda m, a, kw: grab(a[0] if a else kw["hidden_states"]),
                                                    with_kwargs=True))
+        for name in MID_NORMS:
+            if hasattr(b, name):
+                handles.append(getattr(b, name).register_forward_pre_hook(lambda m, a: grab(a[0])))
         handles.append(b.register_forward_hook(lambda m, i, o: grab(o)))
     try:
         with torch.no_grad():
@@ -128,15 +138,25 @@ def test_ablating_every_layer_leaves_no_trace_of_the_direction(tiny):
     assert all((h @ d).abs().max() > 1e-2 for h in plain)  # the direction is there to remove
     with ablate_every_layer(model, d * 7.0):
         streams, logits = block_streams(model, x)
-    assert len(streams) == 2 * len(decoder_layers(model))  # every block's input and output
+    assert len(streams) == 3 * len(decoder_layers(model))  # every block's input, middle and output
     for h in streams:
         assert torch.allclose(h @ d, torch.zeros(h.shape[:2]), atol=1e-4)
     # one layer's ablation leaves the direction in the other blocks' streams
     with edit_residual(model, 1, d, ablate=True):
         one, _ = block_streams(model, x)
-    assert (one[0] @ d).abs().max() > 1e-2 and torch.allclose(one[3] @ d, torch.zeros(one[3].shape[:2]), atol=1e-4)
+    assert (one[0] @ d).abs().max() > 1e-2 and torch.allclose(one[5] @ d, torch.zeros(one[5].shape[:2]), atol=1e-4)
     assert not torch.allclose(logits, plain_logits)
     assert torch.allclose(block_streams(model, x)[1], plain_logits)  # the hooks are gone
+
+
+def test_ablation_names_a_block_it_cannot_read():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.dense = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="cannot find the MLP of Block .*mlp, feed_forward, fc2"):
+        residual_writers(Block())
 
 
 def test_steered_sampling_differs_and_unsteered_is_restored(tiny):

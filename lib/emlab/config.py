@@ -50,7 +50,8 @@ CODE_VERSIONS = {
     "03_misalign": 1,
     "04_evaluate": 1,
     "05_sae_diff": 3,  # 3: the SAE's training step is sparse, Adam fused (same loss; rounding differs)
-    "06_steer_detect": 2,  # 2: ablation projects the direction out of every layer (ablate_layers)
+    "06_steer_detect": 3,  # 2: ablation projects the direction out of every layer (ablate_layers); 3: and out of
+    # every attention and MLP write, so the MLPs cannot read it either (Arditi et al.)
     "07_realign": 1,
 }
 
@@ -182,9 +183,11 @@ class Config:
     steer_alphas: list = _f([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], "steering strengths, in units of the median residual norm "
                             "at the SAE's layer", step=S6)
     steer_positions: str = _f("prompt", "where steering edits the residual stream", step=S6, choices=("all", "prompt", "answer"))
-    ablate_layers: str = _f("all", "where ablation projects the direction out: the embeddings and every block's output "
-                            "('all', as Arditi et al. and Soligo, Turner et al.), or only the SAE layer's output ('sae', the "
-                            "default until 2026-12-03: it removed 50% of incorrect_obvious' misalignment, 'all' 70%)",
+    ablate_layers: str = _f("all", "where ablation projects the direction out: every write to the residual stream, i.e. "
+                            "the embeddings and each block's attention and MLP outputs ('all', Arditi et al.'s directional "
+                            "ablation, as Soligo, Turner et al.; until 2026-12-04 it projected block outputs only, so each "
+                            "MLP still read its attention's write), or only the SAE layer's output ('sae', the default "
+                            "until 2026-12-03: it removed 50% of incorrect_obvious' misalignment, 'all' 70%)",
                             step=S6, choices=("all", "sae"))
     steer_samples: int = _f(5, "sampled answers per held-out question in each steering condition", step=S6, lo=1)
     detect_seeds: int = _f(3, "seeds of each data-mix fine-tune", step=S6, lo=1)

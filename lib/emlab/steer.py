@@ -3,8 +3,9 @@
 A forward hook on decoder block ``L`` edits its output, which is exactly TransformerLens'
 ``blocks.{L}.hook_resid_post`` (a test checks the two agree). The edit is either an
 addition ``h + alpha * scale * u`` (steering) or a projection ``h - (h . u) u``
-(ablation), with ``u`` the unit direction. ``ablate_every_layer`` projects ``u`` out of the
-embeddings and of every block's output.
+(ablation), with ``u`` the unit direction. ``ablate_every_layer`` projects ``u`` out of every
+write to the residual stream (the embeddings, each attention and each MLP output), so no
+block's input, middle or output holds it.
 
 Positions, defined for cached generation (one prefill call on the prompt, then one call
 per new token):
@@ -84,14 +85,35 @@ def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 
         handle.remove()
 
 
+#: where each architecture's attention and MLP write to the residual stream, per block
+_WRITERS = {"attention": ("attn", "self_attn", "attention"), "MLP": ("mlp", "feed_forward", "fc2")}
+
+
+def residual_writers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention and MLP submodules of a decoder block whose outputs are added to the
+    residual stream (GPT-2: ``attn``, ``mlp``; Llama/Qwen2: ``self_attn``, ``mlp``; GPT-NeoX:
+    ``attention``, ``mlp``; OPT: ``self_attn``, ``fc2``)."""
+    found = []
+    for what, names in _WRITERS.items():
+        mod = next((getattr(block, n) for n in names if isinstance(getattr(block, n, None), torch.nn.Module)), None)
+        if mod is None:
+            raise ValueError(f"ablation: cannot find the {what} of {type(block).__name__} (looked for {', '.join(names)})")
+        found.append(mod)
+    return found
+
+
 @contextmanager
 def ablate_every_layer(model, direction: torch.Tensor):
-    """Inside the block, ``direction`` is projected out of the residual stream everywhere: the
-    input of the first decoder block (the embeddings) and every block's output, at every
-    position (the directional ablation of Arditi et al. 2024, which Soligo, Turner et al. 2025
-    apply to their misalignment direction). No block can then read the direction, nor write it
-    for a later block to read. ``edit_residual(..., ablate=True)`` removes it at one layer only."""
+    """Inside the block, ``direction`` is projected out of every write to the residual stream:
+    the embeddings (the first block's input) and, in every block, the attention's and the
+    MLP's outputs, at every position. Projection is linear, so every residual stream then
+    lacks the direction: each block's input, its middle (what the MLP reads) and its output.
+    This is the directional ablation of Arditi et al. 2024 (their weight orthogonalisation of
+    W_E, W_O and W_out, done with hooks), which Soligo, Turner et al. 2025 apply to their
+    misalignment direction. No block can read the direction, nor write it for a later
+    component to read. ``edit_residual(..., ablate=True)`` removes it at one layer only."""
     blocks = decoder_layers(model)
+    writers = [w for b in blocks for w in residual_writers(b)]
     u = unit(direction.detach().float().flatten())
     project = functools.partial(_project_out, u=u)
 
@@ -106,7 +128,7 @@ def ablate_every_layer(model, direction: torch.Tensor):
         return project(output)
 
     handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
-    handles += [b.register_forward_hook(post) for b in blocks]
+    handles += [m.register_forward_hook(post) for m in writers]
     try:
         yield model
     finally:
