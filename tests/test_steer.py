@@ -144,7 +144,8 @@ def test_ablating_every_layer_leaves_no_trace_of_the_direction(tiny):
     # one layer's ablation leaves the direction in the other blocks' streams
     with edit_residual(model, 1, d, ablate=True):
         one, _ = block_streams(model, x)
-    assert (one[0] @ d).abs().max() > 1e-2 and torch.allclose(one[5] @ d, torch.zeros(one[5].shape[:2]), atol=1e-4)
+    out1 = one[3 * 1 + 2]  # block 1's output (three streams per block: input, middle, output)
+    assert (one[0] @ d).abs().max() > 1e-2 and torch.allclose(out1 @ d, torch.zeros(out1.shape[:2]), atol=1e-4)
     assert not torch.allclose(logits, plain_logits)
     assert torch.allclose(block_streams(model, x)[1], plain_logits)  # the hooks are gone
 
@@ -155,7 +156,7 @@ def test_ablation_names_a_block_it_cannot_read():
             super().__init__()
             self.attn, self.dense = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
 
-    with pytest.raises(ValueError, match="cannot find the MLP of Block .*mlp, feed_forward, fc2"):
+    with pytest.raises(ValueError, match=r"cannot find the MLP of Block \(looked for mlp\)"):
         residual_writers(Block())
 
 

@@ -85,14 +85,15 @@ def edit_residual(model, layer: int, direction: torch.Tensor, *, alpha: float = 
         handle.remove()
 
 
-#: where each architecture's attention and MLP write to the residual stream, per block
-_WRITERS = {"attention": ("attn", "self_attn", "attention"), "MLP": ("mlp", "feed_forward", "fc2")}
+#: where each supported architecture's attention and MLP write to the residual stream, per block
+_WRITERS = {"attention": ("attn", "self_attn", "attention"), "MLP": ("mlp",)}
 
 
 def residual_writers(block: torch.nn.Module) -> list[torch.nn.Module]:
-    """The attention and MLP submodules of a decoder block whose outputs are added to the
-    residual stream (GPT-2: ``attn``, ``mlp``; Llama/Qwen2: ``self_attn``, ``mlp``; GPT-NeoX:
-    ``attention``, ``mlp``; OPT: ``self_attn``, ``fc2``)."""
+    """The attention and MLP submodules of a pre-norm decoder block, whose outputs are added to
+    the residual stream (GPT-2: ``attn``, ``mlp``; Llama/Qwen2: ``self_attn``, ``mlp``; GPT-NeoX:
+    ``attention``, ``mlp``; each tested in tests/). Another layout raises rather than ablate
+    partly: a post-norm block, for one, would put the direction back after the writes."""
     found = []
     for what, names in _WRITERS.items():
         mod = next((getattr(block, n) for n in names if isinstance(getattr(block, n, None), torch.nn.Module)), None)
