@@ -23,7 +23,7 @@ test: $(VENV_OK)        ## unit tests, the smoke run end to end, nbval over the 
 	bash tests/run_tests.sh
 
 bench: $(VENV_OK)
-	$(PY) bench/run.py
+	$(PY) bench/run.py --study   # the ratios (minutes), then the default study from scratch (about 35 min on 2 cores)
 
 lab: $(VENV_OK)
 	$(PY) -m pip install -q -e ".[lab]"

@@ -17,18 +17,24 @@ A and B are alternated and each rate is the median of ``--repeats`` runs.
   TransformerLens ``run_with_cache`` on the full cache: tokens/s.
 - training: pretraining and fine-tuning tokens/s, and model FLOP utilisation against the
   fp32 matmul rate measured on this machine in the same run.
-- end to end: wall time of each notebook of a finished run (from the executed notebooks'
-  papermill metadata), if ``--run`` names one.
+- end to end: with ``--study`` (what ``make bench`` does), the whole default study run from
+  scratch: ``configs/default.yaml`` with ``run: bench-study``, into ``data/bench-study``
+  (deleted first), timing each notebook; and, since the study is deterministic, whether each
+  notebook's metrics.json equals that of ``--run`` (``data/default``). Without ``--study``:
+  the notebook times of ``--run``'s last ``emlab run``, which reuses cached artifacts.
 - how cost grows: pretraining, sampling and SAE training time at 1x, 2x, 4x their size.
 
-Usage: python bench/run.py [--quick] [--repeats N] [--run data/default] [--out bench/results.md]
+Usage: python bench/run.py [--quick] [--study] [--repeats N] [--run data/default] [--out bench/results.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -348,6 +354,39 @@ def notebook_times(run: Path) -> list[tuple[str, float, float | None, int | None
     return [(k, v["seconds"], v.get("peak_rss_mib_so_far"), v.get("artifacts_built")) for k, v in sorted(entries.items())]
 
 
+STUDY_RUN = "bench-study"
+
+
+def study_from_scratch(config: Path, run: str = STUDY_RUN) -> Path:
+    """Run ``config``'s whole study from scratch into ``data/<run>`` (deleted first), in a
+    child ``emlab run`` (the notebooks' own kernels and threads, as ``make study``); returns
+    the run folder, whose run_log.json has each notebook's time. Its claims are printed, not
+    asserted: a benchmark times the run whatever it finds."""
+    import yaml
+    from emlab.artifacts import run_dir
+    from emlab.config import load_config
+
+    params = yaml.safe_load(config.read_text(encoding="utf-8"))["params"]
+    params.update(run=run, assert_findings=False)
+    rdir = run_dir(load_config(config, run=run))
+    shutil.rmtree(rdir, ignore_errors=True)
+    rdir.mkdir(parents=True)
+    cfg_path = rdir / "bench-config.yaml"
+    cfg_path.write_text(yaml.safe_dump({"params": params}), encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "emlab.cli", "run", str(cfg_path)], check=True)
+    return rdir
+
+
+def same_metrics(run: Path, reference: Path) -> dict[str, bool | None]:
+    """For each notebook of ``run``: is its metrics.json byte-identical to ``reference``'s
+    (None where the reference has none)?"""
+    out = {}
+    for m in sorted(run.glob("*/metrics.json")):
+        ref = reference / m.parent.name / m.name
+        out[m.parent.name] = ref.read_bytes() == m.read_bytes() if ref.is_file() else None
+    return out
+
+
 def scaling(cfg, quick: bool) -> list[tuple[str, list[float]]]:
     """Seconds of each stage at 1x, 2x, 4x its size."""
     base = 2 if quick else 20
@@ -390,7 +429,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that every benchmark runs")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--run", default="data/default", help="a finished run whose notebook times to report")
+    ap.add_argument("--run", default="data/default", help="a finished run: its notebook times are reported "
+                    "(without --study), and --study's metrics are compared with its own")
+    ap.add_argument("--study", action="store_true", help="also run the whole default study from scratch "
+                    f"(data/{STUDY_RUN}, deleted first; about 35 minutes on 2 cores) and time it")
+    ap.add_argument("--config", default="configs/default.yaml", help="the parameter file --study runs")
     ap.add_argument("--out", default="bench/results.md")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -447,18 +490,31 @@ def main() -> None:
         f"{'QUICK (tiny sizes, not meaningful)' if q else f'Medians of {reps} alternated runs.'}", "",
         "| benchmark | measured | baseline (same run) | ratio |", "|---|---|---|---|", *rows, "",
     ]
-    times = notebook_times(Path(args.run))
+    if args.study:
+        rdir = study_from_scratch(Path(args.config))
+        times, same = notebook_times(rdir), same_metrics(rdir, Path(args.run))
+        lines += [f"## End to end: `{args.config}` from scratch (as `data/{STUDY_RUN}`, every artifact built in this "
+                  f"run; its metrics.json compared byte for byte with `{args.run}`'s)", "",
+                  "| notebook | seconds | artifacts built | peak memory so far (MiB) | metrics identical to "
+                  f"`{args.run}` |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} | "
+                  f"{ {True: 'yes', False: 'NO', None: 'no reference'}[same.get(n)] } |" for n, t, m, b in times]
+    else:
+        times = notebook_times(Path(args.run))
+        if times:
+            lines += [f"## End to end: `{args.run}` (its last `emlab run`; a notebook that built 0 artifacts reused "
+                      "cached ones: `--study` runs the study from scratch)", "",
+                      "| notebook | seconds | artifacts built | peak memory so far (MiB) |", "|---|---|---|---|"]
+            lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} |"
+                      for n, t, m, b in times]
     if times:
-        lines += [f"## End to end: `{args.run}` (its last `emlab run`; a notebook that built 0 artifacts reused "
-                  "cached ones, so run `make study` on a fresh clone for the full cost)", "",
-                  "| notebook | seconds | artifacts built | peak memory so far (MiB) |", "|---|---|---|---|"]
-        lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} |" for n, t, m, b in times]
         peaks = [m for _, _, m, _ in times if m is not None]
         reused = [n for n, _, _, b in times if b == 0]
         if reused:  # their seconds are the time to reload cached artifacts, not a cost
             lines += ["", f"Not a whole-study time: {', '.join(reused)} built nothing (cached artifacts) in this run.", ""]
         else:
-            lines += [f"| whole study | {sum(t for _, t, _, _ in times):.0f} | | {max(peaks) if peaks else 0:.0f} |", ""]
+            lines += [f"| whole study | {sum(t for _, t, _, _ in times):.0f} | | {max(peaks) if peaks else 0:.0f} |"
+                      + (f" {sum(v is True for v in same.values())} of {len(same)} |" if args.study else ""), ""]
     lines += ["## How cost grows (seconds at 1x, 2x, 4x)", "", "| stage | 1x | 2x | 4x |", "|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{t:.2f}" for t in ts) + " |" for name, ts in scaling(cfg, q)]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -41,3 +41,19 @@ def test_sampling_benchmark_of_the_study_reads_a_runs_assistant_and_questions(tm
     held.write_text("".join(json.dumps({"question": q.text}) + "\n" for q in world.questions("health")[:6]))
     r = bench.bench_sampling_eval(tmp_path, 3, 2, 4, 1)
     assert r["n_prompts"] == 3 and r["ours"] > 0 and r["hf"] > 0
+
+
+def test_the_study_benchmark_compares_each_notebooks_metrics_with_the_reference(tmp_path):
+    """--study's reproducibility column: byte-identical metrics.json per notebook, None where
+    the reference run has no such notebook."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    for d, nb, text in ((run, "01_a", '{"x": 1}'), (ref, "01_a", '{"x": 1}'), (run, "02_b", '{"y": 2.0}'),
+                        (ref, "02_b", '{"y": 2.01}'), (run, "03_c", "{}")):
+        (d / nb).mkdir(parents=True)
+        (d / nb / "metrics.json").write_text(text)
+    assert bench.same_metrics(run, ref) == {"01_a": True, "02_b": False, "03_c": None}
