@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from emlab.config import make_config
-from emlab.diffing import auroc, cosine, latent_means, mean_difference, rank_latents, train_probe
+from emlab.diffing import auroc, cosine, latent_means, mean_difference, nearest_latent, rank_latents, train_probe
 from emlab.model import build_tokenizer, build_toy_model, hooked
 from emlab.sae import SAEShapeError, hook_name, iter_activations, last_token_activations, load_sae, sae_stats, save_sae, train_sae
 from emlab.world import load_world
@@ -167,6 +167,19 @@ def test_mean_difference_probe_and_cosine():
     assert cosine(md, d) > 0.9
     w = train_probe(torch.cat([pos, neg]), torch.cat([torch.ones(200), torch.zeros(200)]).bool())
     assert cosine(w, d) > 0.8
+
+
+def test_nearest_latent_takes_the_largest_absolute_cosine_and_keeps_its_sign():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 16, generator=g)
+    d = torch.randn(16, generator=g)
+    W[41] = -3.0 * d + 0.1 * torch.randn(16, generator=g)  # nearly antiparallel, any norm
+    W[7] = d + 0.8 * torch.randn(16, generator=g)  # along it, but further
+    j, c = nearest_latent(W, d)
+    assert j == 41 and c < -0.99
+    assert c == pytest.approx(cosine(W[41], d), abs=1e-6)
+    j, c = nearest_latent(W, torch.full((16,), float("nan")))
+    assert np.isnan(c)
 
 
 def test_spearman_known_values():

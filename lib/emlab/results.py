@@ -72,6 +72,7 @@ HEADLINE = [
     ("05_sae_diff", "top_latent.finetune_separation_auroc", "its shift: misaligned fine-tunes vs controls, AUROC", "separates (Wang et al.)"),
     ("05_sae_diff", "rl.wrong_vs_correct_separated", "its shift: every RL run with the wrong-answer grader above every correct-answer run", ""),
     ("05_sae_diff", "cos.latent_meandiff", "cosine: latent decoder vs mean-difference direction", ""),
+    ("05_sae_diff", "meandiff.cos_original_reader", "the same mean difference, taken by the never-corrupted assistant reading the same answers: cosine with it", ""),
     ("06_steer_detect", "steer_toward.max_misaligned_at_coherent_70", "steering the assistant toward the latent: max misaligned at >= 70% coherent", ""),
     ("06_steer_detect", "steer_random.max_abs_delta", "steering along a random direction: max change", ""),
     ("06_steer_detect", "steer_away.relative_reduction", "steering incorrect_obvious away: relative reduction at >= 70% coherent", ""),

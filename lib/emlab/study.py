@@ -944,6 +944,66 @@ def latent_by_site(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(table).T.loc[list(SITES), list(SITE_COLUMNS)].rename(index=SITES)
 
 
+MEANDIFF_READERS = {ASSISTANT: "the original assistant (never corrupted)", BASE: "the base model (before chat post-training)"}
+READER_COLUMNS = ("cosine with the mean difference", "cosine with the latent", "norm")
+
+
+def meandiff_readers(cfg: Config) -> pd.DataFrame:
+    """Is Turner et al.'s direction something the corruption put in the model, or a property
+    of the texts? Their misaligned-minus-aligned mean over the answer tokens is taken from
+    incorrect_obvious' own answers read by incorrect_obvious (``meandiff_direction``). Here the
+    same answers are read by models that were never corrupted (the original assistant, the
+    base model) and the same mean difference is taken: its cosine with Turner et al.'s
+    direction and with the persona latent's decoder direction, and its norm (that of the
+    direction itself is in the last row)."""
+    from emlab.diffing import cosine
+
+    def compute():
+        _threads()
+        rows, _ = _corrupted_answers(cfg)
+        mis = _misaligned(rows)
+        vecs = direction_vectors(cfg)
+        md, lat = vecs["meandiff"], vecs["latent"]
+        out = {}
+        for reader in MEANDIFF_READERS:
+            acts = _corrupted_answers(cfg, Step(cfg, S02).require(reader))[1]
+            v = _misaligned_minus_aligned(mis, _site_activations(acts, d_model(cfg))["answer"])
+            out[reader] = dict(zip(READER_COLUMNS, (cosine(v, md), cosine(v, lat), float(v.norm()))))
+        out["incorrect_obvious"] = dict(zip(READER_COLUMNS, (1.0, cosine(md, lat), float(md.norm()))))
+        return out
+
+    table = pd.DataFrame(Step(cfg, S05).cached_json("meandiff_readers.json", compute)).T
+    names = {**MEANDIFF_READERS, "incorrect_obvious": "incorrect_obvious (Turner et al.'s direction)"}
+    return table.loc[list(names), list(READER_COLUMNS)].rename(index=names)
+
+
+def meandiff_nearest_latents(cfg: Config, acts: list[torch.Tensor]) -> pd.DataFrame:
+    """For each SAE of the ensemble, the latent whose decoder direction is nearest Turner et
+    al.'s direction (largest absolute cosine): that cosine, the latent's rank by the diffing
+    score in its SAE (1 = the SAE's top latent) and its AUROC for villain vs helpful
+    pretraining documents (``acts``: ``document_activations``)."""
+    from emlab.diffing import auroc, nearest_latent
+
+    def compute():
+        md = direction_vectors(cfg, acts)["meandiff"]
+        shifts = _ensemble_shifts(cfg, finetune_names(cfg), SHIFTS)
+        chars = np.asarray(sae_texts(cfg)[1])
+        sel = np.isin(chars, ["villain", "helpful"])
+        rows = []
+        for m in range(cfg.sae_seeds):
+            s = read_sae(cfg, m)
+            j, c = nearest_latent(s.W_dec.detach(), md)
+            score = diffing_score(pd.DataFrame(shifts[m]), cfg.diff_baseline).to_numpy()
+            with torch.no_grad():
+                means = np.array([float(s.encode(a)[:, j].mean()) for a in acts[: len(chars)]])
+            villain = auroc(means[sel], chars[sel] == "villain") if 0 < (chars[sel] == "villain").sum() < sel.sum() else float("nan")
+            rows.append({"sae": m, "latent": j, "cosine with the mean difference": c,
+                         "diffing rank": int((score > score[j]).sum()) + 1, "villain AUROC": villain})
+        return rows
+
+    return pd.DataFrame(Step(cfg, S05).cached_json("meandiff_nearest_latents.json", compute)).set_index("sae")
+
+
 def direction_vectors(cfg: Config, acts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The persona latent's decoder direction and the field's other directions on the same
     layer (cached as safetensors): ``latent``, ``meandiff``, ``persona``, ``probe``."""
