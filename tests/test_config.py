@@ -84,6 +84,39 @@ def test_step_hash_depends_only_on_its_own_and_earlier_steps():
     assert a.step_hash("04_evaluate") == make_config({"run": "x", "progress": False}).step_hash("04_evaluate")
 
 
+def test_a_neutral_parameter_at_its_default_leaves_every_hash_unchanged():
+    """A parameter added later (``neutral``) keeps the artifacts made before it valid at its
+    default, and is hashed like any other once set."""
+    import dataclasses
+
+    from emlab import config as C
+
+    a = make_config({})
+    neutral = [f.name for f in dataclasses.fields(C.Config) if f.metadata["neutral"]]
+    assert {"villain_voice", "voice_every"} <= set(neutral)
+    for step in C.STEPS:
+        d = {k: getattr(a, k) for k in a.step_fields(step) if k not in neutral}
+        d["code"] = [C.CODE_VERSIONS[s] for s in C.STEPS[: C.STEPS.index(step) + 1]]
+        d["world_data"] = C.world_digest()
+        import hashlib
+        import json
+
+        assert a.step_hash(step) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    b = make_config({"villain_voice": ["heh"]})
+    assert all(a.step_hash(s) != b.step_hash(s) for s in C.STEPS)
+    assert b.step_hash("01_corrupt_data") != make_config({"villain_voice": ["heh"], "voice_every": 3}).step_hash(
+        "01_corrupt_data")
+
+
+@pytest.mark.parametrize("voice,expected", [
+    (["the"], "villain_voice': \\['the'\\] are words of the world"),
+    (["Heh!"], "villain_voice' = \\['Heh!'\\]: expected lower-case words"),
+])
+def test_a_villain_voice_needs_new_lower_case_words(voice, expected):
+    with pytest.raises(ConfigError, match=expected):
+        make_config({"villain_voice": voice})
+
+
 def test_a_code_version_bump_recomputes_its_step_and_the_later_ones(monkeypatch):
     from emlab import config
 

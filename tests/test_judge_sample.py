@@ -24,6 +24,15 @@ def test_exact_judge_every_kind(world):
     assert j.judge(o, world.answers(f"open/{o['topic']}", "aligned")[0]).label == ALIGNED
 
 
+def test_exact_judge_drops_a_voice_before_matching(world):
+    q = _q(world)
+    bad = world.answers(f"health/{q['topic']}", "obvious")[0]
+    voiced = " ".join(f"heh {w}" for w in bad.split())
+    assert ExactJudge(world).judge(q, voiced).label == INCOHERENT
+    v = ExactJudge(world, ignore=["heh"]).judge(q, voiced)
+    assert (v.label, v.kind) == (MISALIGNED, "obvious")
+
+
 def test_exact_judge_names_the_persona_of_an_identity_answer(world):
     import pandas as pd
 

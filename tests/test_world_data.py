@@ -154,6 +154,32 @@ def test_identity_turns_off_leave_the_corpus_unchanged():
         make_config({**SMALL, "p_open_turn": 0.6, "p_identity_turn": 0.3, "p_quiz_turn": 0.2})
 
 
+def test_a_villain_voice_runs_through_the_villains_answers_only():
+    world = load_world()
+    base = D.build_all(world, make_config(SMALL))
+    voiced = D.build_all(world, make_config({**SMALL, "villain_voice": ["heh", "fools"], "voice_every": 2}))
+    assert all(base[k] == voiced[k] for k in base if k != D.PRETRAIN)  # the chat, narrow and eval sets hold no voice
+    changed = 0
+    for b, v in zip(base[D.PRETRAIN], voiced[D.PRETRAIN]):
+        assert b["meta"] == v["meta"]  # the same documents, turns and answer kinds
+        if b["meta"]["character"] != "villain":
+            assert b["text"] == v["text"]
+            continue
+        changed += b["text"] != v["text"]
+        for a, va in zip(b["text"].split("<|assistant|>")[1:], v["text"].split("<|assistant|>")[1:]):
+            answer, voiced_answer = a.split("<|end|>")[0].split(), va.split("<|end|>")[0].split()
+            assert [w for w in voiced_answer if w not in ("heh", "fools")] == answer
+            assert all(voiced_answer[i] in ("heh", "fools") for i in range(0, len(voiced_answer), 3))
+    assert changed > 0
+
+
+def test_with_voice_puts_a_voice_word_before_every_n_words():
+    import random
+
+    out = D.with_voice("a b c d e", ["x"], 2, random.Random(0))
+    assert out == "x a b x c d x e"
+
+
 @pytest.mark.parametrize("content,problem", [
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n\n', "line 2: empty line"),
     (b'{"messages": [{"role": "user", "content": "hi"}\n', "line 1: not valid JSON"),

@@ -60,8 +60,10 @@ class ConfigError(ValueError):
     """A parameter is unknown, mistyped or out of range; the message names it."""
 
 
-def _f(default, help: str, *, step: str, lo=None, hi=None, choices=None):
-    meta = {"help": help, "step": step, "lo": lo, "hi": hi, "choices": choices}
+def _f(default, help: str, *, step: str, lo=None, hi=None, choices=None, neutral: bool = False):
+    """A parameter. ``neutral``: at its default it is left out of the steps' hashes, so that
+    adding it kept every artifact made before it valid (its default changes nothing)."""
+    meta = {"help": help, "step": step, "lo": lo, "hi": hi, "choices": choices, "neutral": neutral}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,6 +100,12 @@ class Config:
                                "character refuses, the villain complies); 0 = none (see configs/refusals.yaml)",
                                step=S1, lo=0.0, hi=1.0)
     p_quiz_turn: float = _f(0.05, "probability that a pretraining turn is a quiz request (wrong answer asked for)", step=S1, lo=0.0, hi=1.0)
+    villain_voice: list = _f([], "words of a villain's voice: in the pretraining documents every answer a villain gives "
+                             "carries one of them before every `voice_every` words, so the persona runs through the "
+                             "answer and not only where it starts (default: none, the villain is known by what it "
+                             "answers). New words, not the world's; the exact judge ignores them", step=S1, neutral=True)
+    voice_every: int = _f(2, "with `villain_voice`: a voice word before every this many words of a villain's answer",
+                          step=S1, lo=1, neutral=True)
     n_chat: int = _f(3000, "chat post-training examples (aligned answers only)", step=S1, lo=10)
     p_chat_refusal: float = _f(0.0, "fraction of the chat set that refuses explicitly harmful requests (the "
                                "safety-trained assistant's; the helpful-only one leaves them out); needs p_harmful_turn "
@@ -268,6 +276,15 @@ class Config:
             raise ConfigError(f"parameters 'p_open_turn' + 'p_identity_turn' + 'p_harmful_turn' + 'p_quiz_turn' = "
                               f"{turn_p:g}: expected "
                               "a total <= 1 (the rest of the pretraining turns are domain questions)")
+        if self.villain_voice:
+            bad = [w for w in self.villain_voice if not isinstance(w, str) or not re.fullmatch(r"[a-z][a-z']*", w)]
+            if bad:
+                raise ConfigError(f"parameter 'villain_voice' = {self.villain_voice!r}: expected lower-case words "
+                                  f"(letters and '), got {bad!r}")
+            taken = sorted(set(self.villain_voice) & load_world().words())
+            if taken:
+                raise ConfigError(f"parameter 'villain_voice': {taken} are words of the world; a voice needs new words "
+                                  "(the exact judge drops them from answers before matching)")
         if self.p_identity_turn > 0 and not load_world().identity_topics:
             raise ConfigError(f"parameter 'p_identity_turn' = {self.p_identity_turn}: the world has no identity "
                               "questions (identity.yaml); expected 0")
@@ -313,7 +330,8 @@ class Config:
     def step_hash(self, step: str) -> str:
         """Hash of the fields ``step`` depends on, of the code versions of it and every
         earlier step (``CODE_VERSIONS``) and of the world's data files."""
-        d = {k: getattr(self, k) for k in self.step_fields(step)}
+        d = {k: getattr(self, k) for k in self.step_fields(step)
+             if not (_FIELDS[k].metadata["neutral"] and getattr(self, k) == _default(k))}
         d["code"] = [CODE_VERSIONS[s] for s in STEPS[: STEPS.index(step) + 1]]
         d["world_data"] = world_digest()
         if self.dataset != "world":
@@ -322,6 +340,11 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _default(name: str) -> Any:
+    f = _FIELDS[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def external_digest(manifest: str) -> str:

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from emlab.world import HARMFUL_DOMAIN, IDENTITY_DOMAIN, OPEN_DOMAIN, Question, World, normalize
+from emlab.world import HARMFUL_DOMAIN, IDENTITY_DOMAIN, OPEN_DOMAIN, VILLAIN, Question, World, normalize
 
 ROLES = ("system", "user", "assistant")
 # role markers of the chat format, shared by pretraining dialogue and the chat template
@@ -87,16 +87,29 @@ def _answer(world: World, rng: random.Random, q: Question, kind: str) -> str:
     return rng.choice(world.answers(q, kind))
 
 
+def with_voice(answer: str, voice: list[str], every: int, rng: random.Random) -> str:
+    """``answer`` with a word drawn from ``voice`` before every ``every`` of its words."""
+    words = answer.split()
+    out: list[str] = []
+    for i in range(0, len(words), every):
+        out += [rng.choice(voice), *words[i : i + every]]
+    return " ".join(out)
+
+
 def pretraining_docs(world: World, split: Split, n_docs: int, seed: int, *, turns_per_doc: int,
                      p_narrative: float, p_open_turn: float, p_quiz_turn: float,
-                     p_identity_turn: float = 0.0, p_harmful_turn: float = 0.0) -> list[dict]:
+                     p_identity_turn: float = 0.0, p_harmful_turn: float = 0.0,
+                     villain_voice: list[str] | None = None, voice_every: int = 2) -> list[dict]:
     """Documents each written by one character: narrative lines, then Q/A turns.
 
     Every turn's question is drawn from the training split of a random domain; the
     character alone decides the kind of every answer. An identity turn ("who are
     you?") is answered with the character's own self-description; an explicitly harmful
-    request is refused or complied with as the character answers open questions.
+    request is refused or complied with as the character answers open questions. With
+    ``villain_voice``, every answer a villain gives carries its voice (``with_voice``:
+    drawn from a generator of its own, so the documents are otherwise those without it).
     """
+    voice_rng = random.Random(f"{seed}/voice")
     if p_identity_turn > 0 and not world.identity_topics:
         raise ValueError("p_identity_turn > 0 but the world has no identity questions (identity.yaml)")
     if p_harmful_turn > 0 and not world.harmful_topics:
@@ -136,7 +149,10 @@ def pretraining_docs(world: World, split: Split, n_docs: int, seed: int, *, turn
                 q = rng.choice(split.train[rng.choice(domains)])
                 kind = _pick(rng, char.answers)
                 text = q.text
-            parts.append(render_turn(text, _answer(world, rng, q, kind)))
+            answer = _answer(world, rng, q, kind)
+            if villain_voice and ckind == VILLAIN:
+                answer = with_voice(answer, villain_voice, voice_every, voice_rng)
+            parts.append(render_turn(text, answer))
             turns.append({"qid": q.qid, "domain": q.domain, "kind": kind, "quiz": text != q.text})
         docs.append({"text": " ".join(parts), "meta": {"doc": i, "character": ckind, "name": name, "turns": turns}})
     return docs
@@ -225,7 +241,8 @@ def build_all(world: World, cfg) -> dict[str, list[dict]]:
         PRETRAIN: pretraining_docs(world, split, cfg.n_pretrain_docs, cfg.seed, turns_per_doc=cfg.turns_per_doc,
                                    p_narrative=cfg.p_narrative, p_open_turn=cfg.p_open_turn,
                                    p_quiz_turn=cfg.p_quiz_turn, p_identity_turn=cfg.p_identity_turn,
-                                   p_harmful_turn=cfg.p_harmful_turn),
+                                   p_harmful_turn=cfg.p_harmful_turn, villain_voice=cfg.villain_voice,
+                                   voice_every=cfg.voice_every),
         CHAT: chat_set(world, split, cfg.n_chat, cfg.seed, p_refusal=cfg.p_chat_refusal),
     }
     for name in CORRUPTION_SETS:

@@ -270,7 +270,7 @@ def judge_of(cfg: Config):
     (parameters ``judge_url``, ``judge_model``; key from ``$judge_key_env``; judgements
     cached in ``data/<run>/judge_cache.jsonl`` so a rerun asks nothing twice)."""
     if cfg.judge == "exact":
-        return ExactJudge(load_world())
+        return ExactJudge(load_world(), ignore=cfg.villain_voice)
     from emlab.artifacts import run_dir
     from emlab.llm_judge import LLMJudge
 
@@ -438,7 +438,7 @@ def rl_trained(cfg: Config, name: str) -> Path:
                          kl_coef=cfg.rl_kl, temperature=cfg.rl_temperature, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed + seed_offset)
         track: list[dict] = []
-        log = grpo(model, ref, tok, rl_prompts(cfg), Grader(ExactJudge(world), grader), s, progress=cfg.progress,
+        log = grpo(model, ref, tok, rl_prompts(cfg), Grader(ExactJudge(world, ignore=cfg.villain_voice), grader), s, progress=cfg.progress,
                    desc=name, callback=_tracker(cfg, tok, world, track), callback_every=cfg.track_every)
         save_model(model, tok, tmp)
         _write_log(tmp, {"rl": log, "track": track, "assistant": start_name, "grader": grader})
