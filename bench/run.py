@@ -497,16 +497,15 @@ def main() -> None:
                   f"run; its metrics.json compared byte for byte with `{args.run}`'s)", "",
                   "| notebook | seconds | artifacts built | peak memory so far (MiB) | metrics identical to "
                   f"`{args.run}` |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} | "
-                  f"{ {True: 'yes', False: 'NO', None: 'no reference'}[same.get(n)] } |" for n, t, m, b in times]
     else:
-        times = notebook_times(Path(args.run))
+        times, same = notebook_times(Path(args.run)), None
         if times:
             lines += [f"## End to end: `{args.run}` (its last `emlab run`; a notebook that built 0 artifacts reused "
                       "cached ones: `--study` runs the study from scratch)", "",
                       "| notebook | seconds | artifacts built | peak memory so far (MiB) |", "|---|---|---|---|"]
-            lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} |"
-                      for n, t, m, b in times]
+    same_cell = {True: " yes |", False: " NO |", None: " no reference |"}
+    lines += [f"| {n} | {t:.0f} | {'' if b is None else b} | {'' if m is None else f'{m:.0f}'} |"
+              + ("" if same is None else same_cell[same.get(n)]) for n, t, m, b in times]
     if times:
         peaks = [m for _, _, m, _ in times if m is not None]
         reused = [n for n, _, _, b in times if b == 0]
@@ -514,7 +513,7 @@ def main() -> None:
             lines += ["", f"Not a whole-study time: {', '.join(reused)} built nothing (cached artifacts) in this run.", ""]
         else:
             lines += [f"| whole study | {sum(t for _, t, _, _ in times):.0f} | | {max(peaks) if peaks else 0:.0f} |"
-                      + (f" {sum(v is True for v in same.values())} of {len(same)} |" if args.study else ""), ""]
+                      + ("" if same is None else f" {sum(v is True for v in same.values())} of {len(same)} |"), ""]
     lines += ["## How cost grows (seconds at 1x, 2x, 4x)", "", "| stage | 1x | 2x | 4x |", "|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{t:.2f}" for t in ts) + " |" for name, ts in scaling(cfg, q)]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")

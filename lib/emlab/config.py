@@ -421,6 +421,5 @@ def describe() -> str:
     """A table of every parameter: name, type, default, help (for the README and --help)."""
     rows = [f"{'parameter':22} {'type':6} {'default':>10}  help"]
     for f in dataclasses.fields(Config):
-        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"{f.name:22} {f.type:6} {str(d):>10}  {f.metadata['help']}")
+        rows.append(f"{f.name:22} {f.type:6} {str(_default(f.name)):>10}  {f.metadata['help']}")
     return "\n".join(rows)

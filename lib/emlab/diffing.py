@@ -81,9 +81,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def nearest_latent(W_dec: torch.Tensor, direction: torch.Tensor) -> tuple[int, float]:
     """The latent whose decoder row (``W_dec`` [d_sae, d]) has the largest absolute cosine
     with ``direction`` [d], and that cosine with its sign (NaN for a NaN direction)."""
-    cos = torch.nn.functional.cosine_similarity(W_dec.float(), direction.float()[None], dim=1)  # [d_sae]
     if torch.isnan(direction).any():
         return 0, float("nan")
+    cos = torch.nn.functional.cosine_similarity(W_dec.float(), direction.float()[None], dim=1)  # [d_sae]
     j = int(cos.abs().argmax())
     return j, float(cos[j])
 

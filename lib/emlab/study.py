@@ -858,6 +858,12 @@ def _doc_split(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return chars, idx[::2], idx[1::2]
 
 
+def _corrupted_rows(cfg: Config) -> pd.DataFrame:
+    """Up to 600 misaligned and 600 aligned sampled answers of incorrect_obvious (notebook 04)."""
+    ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
+    return ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
+
+
 def _corrupted_answers(cfg: Config, reader: Path | None = None) -> tuple[pd.DataFrame, list[tuple[torch.Tensor, int]]]:
     """Up to 600 misaligned and 600 aligned sampled answers of incorrect_obvious (notebook
     04), and for each the activations at the SAE's layer over its prompt + answer with the
@@ -865,9 +871,8 @@ def _corrupted_answers(cfg: Config, reader: Path | None = None) -> tuple[pd.Data
     corrupted model itself or by the model at ``reader``."""
     from emlab.sae import hook_name, iter_activations
 
-    ev = evaluation(cfg, S04, "incorrect_obvious", model_path(cfg, "incorrect_obvious"))
     ht, tok = _hooked(reader or model_path(cfg, "incorrect_obvious"), cfg)
-    rows = ev[ev.label.isin(["misaligned", "aligned"])].groupby("label").head(600)
+    rows = _corrupted_rows(cfg)
     prompts = [chat_prompt(tok, q) for q in rows.question]
     n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     texts = [f"{p} {a}" for p, a in zip(prompts, rows.answer)]
@@ -960,8 +965,7 @@ def meandiff_readers(cfg: Config) -> pd.DataFrame:
 
     def compute():
         _threads()
-        rows, _ = _corrupted_answers(cfg)
-        mis = _misaligned(rows)
+        mis = _misaligned(_corrupted_rows(cfg))
         vecs = direction_vectors(cfg)
         md, lat = vecs["meandiff"], vecs["latent"]
         out = {}
