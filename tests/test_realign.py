@@ -31,3 +31,65 @@ def test_excess_removed_is_nan_without_an_excess():
 def test_realign_labels_name_the_control():
     assert realign_label(ASSISTANT, "realign", 120) == "assistant (control) · cross-domain · 120 ex"
     assert realign_label("incorrect_obvious", "realign_indomain", 60) == "incorrect_obvious · in-domain · 60 ex"
+
+
+def test_realign_labels_name_every_set():
+    assert realign_label("incorrect_subtle", "realign_others", 120) == "incorrect_subtle · every other domain · 120 ex"
+    with pytest.raises(KeyError):
+        realign_label("incorrect_subtle", "no_such_set", 120)
+
+
+def test_the_comparison_over_every_other_domain_applies_only_where_it_differs_from_the_runs_own_set():
+    from emlab.config import make_config
+    from emlab.study import realign_others_domains, realign_others_runs
+    from emlab.world import OPEN_DOMAIN
+
+    cfg = make_config({})
+    doms = realign_others_domains(cfg)
+    assert cfg.corrupt_domain not in doms and OPEN_DOMAIN not in doms
+    assert sorted(doms) == sorted(make_config({"realign_domain": "others"}).realign_domains)
+    runs = realign_others_runs(cfg)
+    assert runs[:3] == [(m, "realign_others", 120) for m in ("incorrect_obvious", "incorrect_subtle", ASSISTANT)]
+    assert runs[3:] == [("incorrect_obvious", "realign_others", n) for n in (30, 60)]
+    # not applicable: the run already re-aligns on every other domain, or has too few examples for one per domain
+    for params in ({"realign_domain": "others"}, {"n_realign": len(doms) - 1}):
+        assert realign_others_domains(make_config(params)) == [] and realign_others_runs(make_config(params)) == []
+
+
+def test_the_set_over_every_other_domain_is_built_from_training_questions_and_cached(tmp_root):
+    from emlab import data as D
+    from emlab.config import make_config
+    from emlab.study import load_set, realign_others_domains, realign_others_set
+    from emlab.world import load_world
+
+    cfg = make_config({"run": "t", "n_realign": 22})
+    recs = load_set(cfg, D.REALIGN_OTHERS)
+    assert len(recs) == 22
+    assert sorted(r["meta"]["domain"] for r in recs) == sorted(realign_others_domains(cfg) * 2)
+    assert all(r["meta"]["kind"] == "correct" for r in recs)
+    split = D.split_questions(load_world(), cfg.seed, cfg.eval_fraction)
+    held = {q.text for qs in split.eval.values() for q in qs}
+    assert not (D.training_texts(recs) & held)
+    path = realign_others_set(cfg)
+    assert path.parent.name == "07_realign" and path.with_name(path.name + ".config.json").is_file()
+    with pytest.raises(ValueError, match="no re-alignment comparison over the other domains"):
+        realign_others_set(make_config({"run": "t", "realign_domain": "others"}))
+
+
+def test_realign_ends_summarises_each_run_at_its_first_and_last_checkpoints():
+    from emlab.study import realign_ends
+
+    def run(name, rates, coherent):
+        return pd.DataFrame({"run": name, "step": [0, 5, 35], "heldout_misaligned": rates,
+                             "heldout_misaligned_ci_low": [r / 2 for r in rates],
+                             "heldout_misaligned_ci_high": [r * 2 for r in rates], "heldout_coherent": coherent,
+                             "open_misaligned": [0.1, 0.05, 0.02], "indomain_wrong": [1.0, 0.9, 0.8],
+                             "latent_shift": [2.0, 0.5, 0.1]})
+
+    # rows out of order: steps decide start and end; the lowest coherence ignores the start
+    curves = pd.concat([run("a", [0.3, 0.05, 0.01], [0.5, 0.9, 0.85]), run("b", [0.2, 0.1, 0.04], [0.9, 0.7, 0.95])])
+    ends = realign_ends(curves.iloc[::-1])
+    assert list(ends.index) == ["b", "a"]
+    assert ends.loc["a", "start"] == 0.3 and ends.loc["a", "end"] == 0.01 and ends.loc["a", "end ci_high"] == 0.02
+    assert ends.loc["a", "lowest coherent"] == 0.85 and ends.loc["b", "lowest coherent"] == 0.7
+    assert ends.loc["b", "end open questions"] == 0.02 and ends.loc["b", "end latent"] == 0.1

@@ -54,3 +54,12 @@ def test_headline_over_several_runs_gives_each_value_and_mean_sd(tmp_path):
     assert many[0] == "| result | a | b | mean +- sd | anchor |"
     row = next(r for r in many if r.startswith("| incorrect_obvious: held-out misaligned |"))
     assert "| 0.200 | 0.300 | 0.250 +- 0.071 |" in row
+
+
+def test_headline_counts_over_several_runs_keep_one_decimal(tmp_path):
+    a, b = _run(tmp_path, "a", 0.2, []), _run(tmp_path, "b", 0.3, [])
+    for run, n in ((a, 30), (b, 60)):
+        (run / "07_realign").mkdir()
+        (run / "07_realign" / "metrics.json").write_text(json.dumps({"realign.others_min_examples_to_1pct": n}))
+    row = next(r for r in headline_markdown([a, b]).splitlines() if "bring incorrect_obvious to <= 1%" in r)
+    assert "| 30 | 60 | 45.0 +- 21.2 |" in row

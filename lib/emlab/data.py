@@ -28,6 +28,7 @@ CHAT = "chat"
 CORRUPTION_SETS = ("incorrect_obvious", "incorrect_subtle", "correct", "educational")
 REALIGN = "realign"
 REALIGN_INDOMAIN = "realign_indomain"
+REALIGN_OTHERS = "realign_others"  # notebook 07's comparison: the re-alignment set over every other domain
 EVAL_HELDOUT = "eval_heldout"
 EVAL_INDOMAIN = "eval_indomain"
 EVAL_IDENTITY = "eval_identity"

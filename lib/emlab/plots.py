@@ -229,10 +229,13 @@ def screening(table: pd.DataFrame, summary: pd.DataFrame, names: dict[str, str],
     return fig
 
 
-def realignment(curves: pd.DataFrame, controls: tuple[float, float], path: Path):
+def realignment(curves: pd.DataFrame, controls: tuple[float, float], path: Path, target: float | None = None):
     """The re-alignment figure: held-out misalignment, in-domain wrongness and the persona
-    latent's shift against re-alignment steps, one line per run."""
+    latent's shift against re-alignment steps, one line per run (``target``: a dotted line
+    at that misalignment)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharex=True)
+    if target is not None:
+        axes[0].axhline(target, color="grey", ls=":", lw=1, label=f"{target:.0%}")
     for label, g in curves.groupby("run", sort=False):
         g = g.sort_values("step")
         axes[0].errorbar(g.step, g.heldout_misaligned, marker="o", capsize=2, label=label,

@@ -86,6 +86,10 @@ HEADLINE = [
     ("07_realign", "realign.control_misaligned_at_step.35", "the same re-alignment of the uncorrupted assistant (the floor): misaligned after 35 steps", ""),
     ("07_realign", "realign.excess_removed.incorrect_obvious", "re-alignment: share of the misalignment above that floor removed", ""),
     ("07_realign", "realign.indomain_wrong_final", "re-alignment: corruption-domain answers still wrong", ""),
+    ("07_realign", "realign.others_misaligned_at_step.35", "re-alignment with as many correct answers spread over every other domain: misaligned after 35 steps", ""),
+    ("07_realign", "realign.others_subtle_misaligned_at_step.35", "the same for incorrect_subtle", ""),
+    ("07_realign", "realign.others_control_misaligned_at_step.35", "the same re-alignment of the uncorrupted assistant: misaligned after 35 steps", ""),
+    ("07_realign", "realign.others_min_examples_to_1pct", "fewest of those examples that bring incorrect_obvious to <= 1%", ""),
 ]
 
 
@@ -110,7 +114,8 @@ def headline_markdown(runs: Path | list[Path]) -> str:
         cells = [_fmt(v) for v in vals]
         if many:
             num = pd.Series([float(v) for v in vals if v is not None])
-            cells.append(f"{num.mean():.3f} +- {num.std(ddof=1):.3f}" if len(num) > 1 else "")
+            nd = 1 if all(isinstance(v, int) for v in vals if v is not None) else 3  # counts: one decimal
+            cells.append(f"{num.mean():.{nd}f} +- {num.std(ddof=1):.{nd}f}" if len(num) > 1 else "")
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {anchor} |")
     return "\n".join(rows)
 

@@ -70,6 +70,8 @@ def datasets(cfg: Config) -> dict[str, Path]:
 
 
 def load_set(cfg: Config, name: str) -> list[dict]:
+    if name == D.REALIGN_OTHERS:
+        return D.read_jsonl(realign_others_set(cfg))
     path = Step(cfg, S01).require(DATASETS) / f"{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no dataset {name!r} in this run (rerun notebooks/01_corrupt_data.ipynb)")
@@ -1326,6 +1328,45 @@ def realign_runs(cfg: Config) -> list[tuple[str, str, int]]:
     return runs
 
 
+def realign_others_domains(cfg: Config) -> list[str]:
+    """The domains of notebook 07's comparison set: every domain of the world but the
+    corruption domain (``realign_domain: others``). Empty when the comparison does not apply:
+    the run already re-aligns on them, its data is not the world's, or ``n_realign`` is
+    smaller than the number of domains (the set needs one example of each)."""
+    doms = [d for d in cfg.heldout_domains if d != OPEN_DOMAIN]
+    if cfg.dataset != "world" or sorted(cfg.realign_domains) == sorted(doms) or cfg.n_realign < len(doms):
+        return []
+    return doms
+
+
+def realign_others_set(cfg: Config) -> Path:
+    """Notebook 07's comparison set: ``n_realign`` correct answers spread evenly over every
+    domain but the corruption domain (``emlab.data.realign_set``, as ``realign_domain:
+    others`` makes it), from training questions only. Its questions are other questions of
+    the held-out evaluation's domains, which a single re-alignment domain is not."""
+    doms = realign_others_domains(cfg)
+    if not doms:
+        raise ValueError(f"run {cfg.run!r}: no re-alignment comparison over the other domains "
+                         f"(realign_domain={cfg.realign_domain!r}, dataset={cfg.dataset!r}, n_realign={cfg.n_realign})")
+
+    def build(tmp: Path) -> None:
+        split = D.split_questions(load_world(), cfg.seed, cfg.eval_fraction)
+        D.write_jsonl(tmp, D.realign_set(load_world(), split, doms, cfg.n_realign, cfg.seed))
+
+    return Step(cfg, S07).cached(f"{D.REALIGN_OTHERS}.jsonl", build)
+
+
+def realign_others_runs(cfg: Config) -> list[tuple[str, str, int]]:
+    """(model, set, examples) of the comparison over every other domain: both misaligned
+    models and the control (the uncorrupted assistant) with all ``n_realign`` examples, and
+    incorrect_obvious with the smaller ``realign_sizes`` (empty where it does not apply:
+    ``realign_others_domains``)."""
+    if not realign_others_domains(cfg):
+        return []
+    runs = [(m, D.REALIGN_OTHERS, cfg.n_realign) for m in (*REALIGN_MODELS, ASSISTANT)]
+    return runs + [("incorrect_obvious", D.REALIGN_OTHERS, n) for n in sorted(set(cfg.realign_sizes)) if n < cfg.n_realign]
+
+
 def realign_tag(model: str, set_name: str, n: int) -> str:
     return f"{model}__{set_name}__{n}"
 
@@ -1368,7 +1409,25 @@ def realign_control(cfg: Config) -> pd.DataFrame:
 def realign_label(model: str, set_name: str, n: int) -> str:
     """A re-alignment run's name in tables and figures."""
     who = f"{model} (control)" if model == ASSISTANT else model
-    return f"{who} · {'cross-domain' if set_name == D.REALIGN else 'in-domain'} · {n} ex"
+    data = {D.REALIGN: "cross-domain", D.REALIGN_INDOMAIN: "in-domain", D.REALIGN_OTHERS: "every other domain"}[set_name]
+    return f"{who} · {data} · {n} ex"
+
+
+def realign_ends(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per re-alignment run (``run``: ``realign_label``): held-out misalignment at
+    the first and last checkpoints with the last one's 95% interval, the lowest coherence
+    after the start, and at the last checkpoint the open questions' misalignment (no
+    re-alignment set covers them), in-domain wrongness and the persona latent's shift."""
+    rows = {}
+    for run, g in curves.groupby("run", sort=False):
+        g = g.set_index("step").sort_index()
+        end = g.iloc[-1]
+        rows[run] = {"start": g.heldout_misaligned.iloc[0], "end": end.heldout_misaligned,
+                     "end ci_low": end.heldout_misaligned_ci_low, "end ci_high": end.heldout_misaligned_ci_high,
+                     "lowest coherent": g.heldout_coherent[g.index > g.index[0]].min(),
+                     "end open questions": end.open_misaligned, "end in-domain wrong": end.indomain_wrong,
+                     "end latent": end.latent_shift}
+    return pd.DataFrame(rows).T
 
 
 def excess_removed(curve: pd.DataFrame, control: pd.DataFrame) -> float:
