@@ -12,7 +12,10 @@ A and B are alternated and each rate is the median of ``--repeats`` runs.
   stop token, where ``emlab.sample`` sheds finished rows from its batches).
 - SAE training: the project's SAELens-based trainer vs a minimal plain-torch TopK loop
   (``PlainTopK`` below), same activations, width, k, batch and steps: activations/s and
-  held-out FVU.
+  held-out FVU. Twice: on activations of a briefly trained toy model (self-contained), and
+  on the study's own workload when ``--run`` has an SAE (its activations and settings). Ours
+  also runs SAELens' AuxK loss on the latents that have not fired lately, which the plain
+  loop does not; the toy's activations leave several times more latents dead.
 - activation collection: ``emlab.sae.iter_activations`` (one hook, stops at the layer) vs
   TransformerLens ``run_with_cache`` on the full cache: tokens/s.
 - training: pretraining and fine-tuning tokens/s, and model FLOP utilisation against the
@@ -289,32 +292,61 @@ def bench_teacher_forcing(cfg, n_questions: int, repeats: int) -> dict:
             "max_diff": float((got["ours"] - got["base"]).abs().max())}
 
 
-def bench_sae(acts, width, k, steps, batch, repeats) -> dict:
-    perm = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
-    test, train = perm[:2000], perm[2000:]
+def bench_sae(acts, width, k, steps, batch, repeats, *, lr: float = 3e-3, unscaled: bool = True,
+              test: torch.Tensor | None = None, dead_window: int | None = None) -> dict:
+    """Our SAELens trainer (and, with ``unscaled``, its variant without decoder-norm
+    rescaling, timed between the two arms) vs ``train_plain`` on ``acts``; ``test``: held-out
+    activations (default: the first 2000 of a seeded shuffle of ``acts``)."""
+    if test is None:
+        perm = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
+        test, train = perm[:2000], perm[2000:]
+    else:
+        train = acts
     res = {"ours": [], "plain": [], "unscaled": [], "ours_fvu": None, "plain_fvu": None, "unscaled_fvu": None}
+    window = {} if dead_window is None else {"dead_window": dead_window}
 
     def saelens(rescale: bool) -> float:
         t = time.perf_counter()
-        s = train_sae(train, width=width, k=k, steps=steps, batch=batch, lr=3e-3, seed=0,
-                      rescale_by_decoder_norm=rescale)
+        s = train_sae(train, width=width, k=k, steps=steps, batch=batch, lr=lr, seed=0,
+                      rescale_by_decoder_norm=rescale, **window)
         r = steps * batch / (time.perf_counter() - t)
         res["ours_fvu" if rescale else "unscaled_fvu"] = sae_stats(s, test, train[:5000])["fvu"]
         return r
 
     def ours() -> float:
-        res["unscaled"].append(saelens(False))  # the variant: timed between the two arms
+        if unscaled:
+            res["unscaled"].append(saelens(False))
         return saelens(True)
 
     def plain() -> float:
         t = time.perf_counter()
-        s = train_plain(train, width, k, steps, batch, 3e-3, 0)
+        s = train_plain(train, width, k, steps, batch, lr, 0)
         r = steps * batch / (time.perf_counter() - t)
         res["plain_fvu"] = fvu(s, test)
         return r
 
     res["ours"], res["plain"] = alternate(ours, plain, repeats)
     return res
+
+
+def study_sae_workload(run: Path):
+    """The study's own SAE workload, from a finished run: its config (as its first SAE
+    recorded it) and the activations that SAE was trained on, split as the study splits
+    them (``emlab.study.sae``). None if ``run`` has no SAE or is not under this project's
+    ``data/``."""
+    import emlab.study as study
+    from emlab.artifacts import run_dir
+    from emlab.config import make_config
+
+    meta = run / "05_sae_diff" / f"{study.sae_dir(0)}.config.json"
+    if not meta.is_file():
+        return None
+    cfg = make_config(json.loads(meta.read_text(encoding="utf-8"))["config"], source=str(meta))
+    if run_dir(cfg).resolve() != run.resolve():
+        return None
+    flat = torch.cat(study.document_activations(cfg))
+    flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(cfg.seed))]
+    return cfg, flat[: study.N_TEST_ACTS], flat[study.N_TEST_ACTS:]
 
 
 def bench_activations(ht, tok, docs, layer, repeats) -> dict:
@@ -476,6 +508,18 @@ def main() -> None:
                 f"are then arbitrary, and diffing compares latents) | {med(r['unscaled']):,.0f} activations/s, FVU "
                 f"{r['unscaled_fvu']:.3f} | plain-torch TopK loop (as above) | "
                 f"{med(r['unscaled']) / med(r['plain']):.2f}x |")
+
+    w = None if q else study_sae_workload(Path(args.run))
+    if w is not None:
+        wc, test, train = w
+        r = bench_sae(train, wc.sae_width, wc.sae_k, wc.sae_steps, wc.sae_batch, reps, lr=wc.sae_lr, unscaled=False,
+                      test=test, dead_window=wc.sae_dead_window)
+        rows.append(f"| SAE training on the study's own workload: `{args.run}`'s SAE 0 setting ({len(train):,} "
+                    f"activations of its {wc.sae_source} at layer {wc.sae_layer}, width {wc.sae_width}, k {wc.sae_k}, "
+                    f"{wc.sae_steps} steps x {wc.sae_batch}, lr {wc.sae_lr}) | {med(r['ours']):,.0f} activations/s, "
+                    f"held-out FVU {r['ours_fvu']:.3f} | plain-torch TopK loop, same activations and settings: "
+                    f"{med(r['plain']):,.0f} activations/s, FVU {r['plain_fvu']:.3f} | "
+                    f"{med(r['ours']) / med(r['plain']):.2f}x |")
 
     a = bench_activations(ht, tok, docs, cfg.sae_layer, reps)
     rows.append(f"| activation collection at blocks.{cfg.sae_layer}.hook_resid_post, {len(docs)} documents | "
