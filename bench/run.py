@@ -43,7 +43,7 @@ from pathlib import Path
 
 import emlab  # noqa: F401  (before torch runs anything: the study's CPU kernels, emlab.kernels)
 import torch
-from emlab.config import make_config
+from emlab.config import Config, make_config
 from emlab.model import build_tokenizer, build_toy_model, hooked
 from emlab.runner import machine
 from emlab.sae import hook_name, iter_activations, sae_stats, train_sae
@@ -293,7 +293,7 @@ def bench_teacher_forcing(cfg, n_questions: int, repeats: int) -> dict:
 
 
 def bench_sae(acts, width, k, steps, batch, repeats, *, lr: float = 3e-3, unscaled: bool = True,
-              test: torch.Tensor | None = None, dead_window: int | None = None) -> dict:
+              test: torch.Tensor | None = None, dead_window: int = Config.sae_dead_window) -> dict:
     """Our SAELens trainer (and, with ``unscaled``, its variant without decoder-norm
     rescaling, timed between the two arms) vs ``train_plain`` on ``acts``; ``test``: held-out
     activations (default: the first 2000 of a seeded shuffle of ``acts``)."""
@@ -303,12 +303,11 @@ def bench_sae(acts, width, k, steps, batch, repeats, *, lr: float = 3e-3, unscal
     else:
         train = acts
     res = {"ours": [], "plain": [], "unscaled": [], "ours_fvu": None, "plain_fvu": None, "unscaled_fvu": None}
-    window = {} if dead_window is None else {"dead_window": dead_window}
 
     def saelens(rescale: bool) -> float:
         t = time.perf_counter()
         s = train_sae(train, width=width, k=k, steps=steps, batch=batch, lr=lr, seed=0,
-                      rescale_by_decoder_norm=rescale, **window)
+                      rescale_by_decoder_norm=rescale, dead_window=dead_window)
         r = steps * batch / (time.perf_counter() - t)
         res["ours_fvu" if rescale else "unscaled_fvu"] = sae_stats(s, test, train[:5000])["fvu"]
         return r
@@ -336,7 +335,6 @@ def study_sae_workload(run: Path):
     ``data/``."""
     import emlab.study as study
     from emlab.artifacts import run_dir
-    from emlab.config import make_config
 
     meta = run / "05_sae_diff" / f"{study.sae_dir(0)}.config.json"
     if not meta.is_file():
@@ -344,9 +342,7 @@ def study_sae_workload(run: Path):
     cfg = make_config(json.loads(meta.read_text(encoding="utf-8"))["config"], source=str(meta))
     if run_dir(cfg).resolve() != run.resolve():
         return None
-    flat = torch.cat(study.document_activations(cfg))
-    flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(cfg.seed))]
-    return cfg, flat[: study.N_TEST_ACTS], flat[study.N_TEST_ACTS:]
+    return cfg, *study.sae_split(cfg, study.document_activations(cfg))
 
 
 def bench_activations(ht, tok, docs, layer, repeats) -> dict:

@@ -93,3 +93,34 @@ def test_realign_ends_summarises_each_run_at_its_first_and_last_checkpoints():
     assert ends.loc["a", "start"] == 0.3 and ends.loc["a", "end"] == 0.01 and ends.loc["a", "end ci_high"] == 0.02
     assert ends.loc["a", "lowest coherent"] == 0.85 and ends.loc["b", "lowest coherent"] == 0.7
     assert ends.loc["b", "end open questions"] == 0.02 and ends.loc["b", "end latent"] == 0.1
+
+
+def _runs(rows):
+    cols = ["model", "examples", "step", "heldout_misaligned", "heldout_coherent", "latent_shift"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_fewest_examples_to_a_rate_leaves_the_control_out():
+    from emlab.study import fewest_examples_to
+
+    curves = _runs([(ASSISTANT, 30, 35, 0.005, 0.9, 0.0), ("incorrect_obvious", 30, 20, 0.02, 0.9, 0.0),
+                    ("incorrect_obvious", 60, 35, 0.009, 0.9, 0.0), ("incorrect_subtle", 120, 10, 0.01, 0.9, 0.0)])
+    assert fewest_examples_to(curves, 0.01) == 60  # the control's 30 does not count; <= is inclusive
+    assert fewest_examples_to(curves, 0.001) == -1
+
+
+def test_realign_targets_read_the_last_checkpoint_and_every_step_after_the_start():
+    from emlab.config import make_config
+    from emlab.study import realign_full, realign_targets
+
+    cfg = make_config({})  # n_realign 120, checkpoints up to 35
+    curves = _runs([("incorrect_obvious", 120, 0, 0.30, 0.50, 1.0), ("incorrect_obvious", 120, 10, 0.05, 0.81, 0.3),
+                    ("incorrect_obvious", 120, 35, 0.008, 0.85, 0.1), ("incorrect_subtle", 120, 35, 0.010, 0.90, 0.15),
+                    ("incorrect_obvious", 30, 35, 0.5, 0.10, 9.0), (ASSISTANT, 120, 35, 0.5, 0.10, 9.0)])
+    full = realign_full(cfg, curves)
+    assert set(full.model) == {"incorrect_obvious", "incorrect_subtle"} and set(full.examples) == {120}
+    t = realign_targets(cfg, full, 0.2, "x")
+    assert list(t.values()) == [True, True, True]  # coherence 0.50 at step 0 does not count
+    t = realign_targets(cfg, full, 0.12, "x")
+    assert t["the persona latent ends within the controls' range (x)"] is False
+    assert t["held-out misalignment <= 1% within 35 steps at batch 4 (x)"] is True
