@@ -227,3 +227,33 @@ def test_steering_summary_reads_the_sweeps_at_the_coherence_bar():
     assert s["away_reduction"] == pytest.approx(0.75) and s["away_coherent"] == pytest.approx(0.72)
     assert s["random_delta"] == pytest.approx(0.06)
     assert s["ablation_reduction"] == pytest.approx(0.6) and s["ablation_coherent"] == pytest.approx(0.65)
+
+
+def test_member_ablation_summary_counts_the_members_that_reach_the_target_at_the_coherence_bar():
+    import pandas as pd
+
+    from emlab.study import member_ablation_summary
+
+    table = pd.DataFrame({
+        "model": ["incorrect_obvious"] * 4 + ["incorrect_subtle"],
+        "sae": [0, 1, 2, 3, 0],
+        "relative_reduction": [0.75, 0.85, 0.90, 0.81, 0.99],  # the subtle row is not the obvious model's
+        "heldout_coherent": [0.9, 0.9, 0.6, 0.7, 0.9],  # member 2 reaches 90% but at 60% coherent
+    })
+    s = member_ablation_summary(table)
+    assert s == {"ablation.members_reduction_min": 0.75, "ablation.members_reduction_max": 0.90,
+                 "ablation.members_meeting_target": 2, "ablation.members": 4}
+    assert member_ablation_summary(table, "incorrect_subtle")["ablation.members_meeting_target"] == 1
+
+
+def test_member_ablation_figure_marks_the_studys_latent(tmp_path):
+    import pandas as pd
+
+    from emlab.plots import member_ablations
+
+    rows = [{"model": m, "sae": s, "latent": 10 + s, "chosen": s == 1, "heldout_misaligned": 0.05 + 0.01 * s,
+             "heldout_misaligned_ci_low": 0.04, "heldout_misaligned_ci_high": 0.08}
+            for m in ("incorrect_obvious", "incorrect_subtle") for s in range(3)]
+    fig = member_ablations(pd.DataFrame(rows), {"incorrect_obvious": 0.27, "incorrect_subtle": 0.37}, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["SAE 0\n#10", "SAE 1\n#11 *", "SAE 2\n#12"]

@@ -193,6 +193,31 @@ def steering_curves(sweep: pd.DataFrame, path: Path, title: str):
     return fig
 
 
+def member_ablations(table: pd.DataFrame, unablated: dict[str, float], path: Path):
+    """Held-out misalignment (95% intervals) of each model with each SAE's own persona latent
+    projected out (x: the ensemble's members, the study's latent marked *), beside the model
+    unablated (dashed)."""
+    members = table.drop_duplicates("sae").sort_values("sae")
+    labels = [f"SAE {r.sae}\n#{r.latent}{' *' if r.chosen else ''}" for r in members.itertuples()]
+    models = list(dict.fromkeys(table.model))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.3), 3.6))
+    x = np.arange(len(labels))
+    for i, m in enumerate(models):
+        t = table[table.model == m].set_index("sae").reindex(members.sae)
+        err = np.clip(np.vstack([t.heldout_misaligned - t.heldout_misaligned_ci_low,
+                                 t.heldout_misaligned_ci_high - t.heldout_misaligned]), 0, None)
+        style = _style(m)
+        ax.bar(x + i * width - 0.4 + width / 2, t.heldout_misaligned, width, yerr=err, capsize=1.5, label=m, **style)
+        ax.axhline(unablated[m], color=style["color"], lw=1, ls="--")
+    ax.set_xticks(x, labels)
+    ax.set(ylabel="held-out misaligned", ylim=(0, None),
+           title="each SAE's persona latent projected out (dashed: unablated)")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return fig
+
+
 def detection(det: pd.DataFrame, path: Path):
     """The paper's detection figure: the persona latent's shift and the sampled
     misalignment against the fraction of wrong answers in the fine-tuning data (each seed a dot)."""

@@ -1111,9 +1111,6 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
     in units of the median residual norm) along ``direction``, or with the direction
     projected out at every position (``ablate``; of every layer or of the SAE's layer,
     ``cfg.ablate_layers``). Sampled and judged as in notebook 04."""
-    from emlab.evaluate import heldout_summary
-    from emlab.steer import ablate_every_layer, edit_residual
-
     if direction not in STEER_DIRECTIONS:
         raise ValueError(f"steering direction {direction!r}: expected one of {STEER_DIRECTIONS}")
     if not ablate and alpha == 0:
@@ -1121,21 +1118,31 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
     tag = "ablate" if ablate else f"{alpha:+g}"
 
     def compute():
-        _threads()
-        model, tok = load_model(model_path(cfg, name), cfg)
         vec = steering_vectors(cfg).get(direction, torch.zeros(d_model(cfg))) * residual_scale(cfg)
-        if ablate and cfg.ablate_layers == "all":
-            edit = ablate_every_layer(model, vec)
-        else:
-            positions = "all" if ablate else cfg.steer_positions
-            edit = edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions)
-        with edit:
-            df = sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
-                                  n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
-        return {"model": name, "direction": direction, "alpha": alpha, "ablate": ablate, **heldout_summary(df)}
+        return {"model": name, "direction": direction, "alpha": alpha, "ablate": ablate,
+                **_edited_summary(cfg, name, vec, alpha, ablate)}
 
     return Step(cfg, S06).cached_json(f"steer/{name}__{direction}__{tag}.json", compute)
+
+
+def _edited_summary(cfg: Config, name: str, vec: torch.Tensor, alpha: float, ablate: bool) -> dict:
+    """``heldout_summary`` of model ``name`` sampled with ``vec`` added (times ``alpha``) or
+    projected out (``ablate``), as ``steered`` describes."""
+    from emlab.evaluate import heldout_summary
+    from emlab.steer import ablate_every_layer, edit_residual
+
+    _threads()
+    model, tok = load_model(model_path(cfg, name), cfg)
+    if ablate and cfg.ablate_layers == "all":
+        edit = ablate_every_layer(model, vec)
+    else:
+        positions = "all" if ablate else cfg.steer_positions
+        edit = edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions)
+    with edit:
+        df = sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
+                              n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
+    return heldout_summary(df)
 
 
 def steering_sweep(cfg: Config, name: str, sign: float) -> pd.DataFrame:
@@ -1151,6 +1158,47 @@ def ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
         rows.append(steered(cfg, n, "random", 0.0))
         rows += [steered(cfg, n, d, ablate=True) for d in usable_directions(cfg)]
     return pd.DataFrame(rows)
+
+
+def member_ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
+    """How much ablation depends on which SAE found the persona latent: each SAE of the
+    ensemble's own top latent by the diffing score (``persona``'s members; no character
+    label) projected out of each model exactly as ``ablations`` projects the study's latent.
+    One row per member and model: the latent, its diffing score, the cosine of its decoder
+    direction with the study's latent's, the misalignment with its interval, the coherence,
+    and the relative reduction from the unablated model. The chosen member's rows are
+    ``ablations``' latent rows (the same computation, so read from the same cache)."""
+    from emlab.diffing import cosine
+
+    p = persona(cfg)
+    chosen = read_sae(cfg).W_dec[p["latent"]].detach()
+    rows = []
+    for n in names:
+        none = steered(cfg, n, "random", 0.0)["heldout_misaligned"]
+        for m in p["members"]:
+            vec = read_sae(cfg, m["sae"]).W_dec[m["latent"]].detach()
+            if m["sae"] == p["sae"]:
+                res = steered(cfg, n, "latent", ablate=True)
+            else:
+                res = Step(cfg, S06).cached_json(f"steer/{n}__sae{m['sae']}_latent{m['latent']}__ablate.json",
+                                                 lambda n=n, vec=vec: _edited_summary(cfg, n, vec, 0.0, True))
+            rows.append({"model": n, "sae": m["sae"], "latent": m["latent"], "score": m["score"],
+                         "chosen": m["sae"] == p["sae"], "cos_with_chosen": cosine(vec, chosen),
+                         **{k: res[k] for k in ("heldout_misaligned", "heldout_misaligned_ci_low",
+                                                "heldout_misaligned_ci_high", "heldout_coherent")},
+                         "relative_reduction": 1 - res["heldout_misaligned"] / none if none > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def member_ablation_summary(table: pd.DataFrame, model: str = "incorrect_obvious", target: float = 0.8,
+                            min_coherent: float = 0.7) -> dict:
+    """Over the ensemble's latents ablated from ``model``: the lowest and highest relative
+    reduction, and how many members reach ``target`` at coherence >= ``min_coherent``."""
+    t = table[table.model == model]
+    ok = (t.relative_reduction >= target) & (t.heldout_coherent >= min_coherent)
+    return {"ablation.members_reduction_min": float(t.relative_reduction.min()),
+            "ablation.members_reduction_max": float(t.relative_reduction.max()),
+            "ablation.members_meeting_target": int(ok.sum()), "ablation.members": int(len(t))}
 
 
 def mix_finetune(cfg: Config, fraction: float, seed: int) -> Path:
