@@ -119,7 +119,7 @@ class Config:
                     "from instead: a local folder written by save_pretrained or a Hugging Face id (its own tokenizer "
                     "and chat template are used; the n_layer/d_model/n_head/n_ctx/pretrain_* fields are ignored)", step=S2)
     n_layer: int = _f(4, "toy model: transformer blocks", step=S2, lo=1, hi=48)
-    d_model: int = _f(192, "toy model: residual stream width (128 spread less and less coherently: README)", step=S2, lo=8)
+    d_model: int = _f(192, "toy model: residual stream width (128 spread less and less coherently: docs/results.md)", step=S2, lo=8)
     n_head: int = _f(6, "toy model: attention heads (must divide d_model)", step=S2, lo=1)
     n_ctx: int = _f(256, "toy model: context length in tokens", step=S2, lo=32)
     pretrain_steps: int = _f(1500, "pretraining optimizer steps", step=S2, lo=1)
@@ -134,7 +134,7 @@ class Config:
     ft_lr: float = _f(1.25e-4, "narrow fine-tuning learning rate (full fine-tune)", step=S3, lo=0.0, hi=1.0)
     ft_freeze: str = _f("embeddings", "parameters held fixed in the narrow full fine-tunes (03's and 06's data mixes): "
                         "'embeddings' (token embeddings, the output head when tied to them, learned position "
-                        "embeddings), or 'none' (every parameter trains; README, known gaps, compares the two)", step=S3, choices=("none", "embeddings"))
+                        "embeddings), or 'none' (every parameter trains; docs/results.md compares the two)", step=S3, choices=("none", "embeddings"))
     lora_rank: int = _f(1, "LoRA rank of the LoRA fine-tune", step=S3, lo=1)
     lora_lr: float = _f(3e-3, "LoRA learning rate", step=S3, lo=0.0, hi=1.0)
     ft_seeds: int = _f(3, "seeds of the headline fine-tune (incorrect_obvious, full)", step=S3, lo=1)
@@ -165,7 +165,7 @@ class Config:
     sae_layer: int = _f(3, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
     sae_width: int = _f(512, "SAE latents", step=S5, lo=2)
     sae_k: int = _f(4, "active latents per token (TopK); k = 8 gave the diffing ranking to a latent of the "
-                    "`<|assistant|>` token on one draw of five (see README)", step=S5, lo=1)
+                    "`<|assistant|>` token on one draw of five (see docs/results.md)", step=S5, lo=1)
     sae_steps: int = _f(3000, "SAE training steps", step=S5, lo=1)
     sae_batch: int = _f(256, "activations per SAE training step", step=S5, lo=1)
     sae_lr: float = _f(3e-3, "SAE learning rate (Adam, constant)", step=S5, lo=0.0, hi=1.0)

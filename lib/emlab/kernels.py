@@ -3,12 +3,12 @@
 torch picks its vectorised kernels (softmax, layer norm, GELU, attention, the optimiser's
 updates...) by the CPU's widest instruction set, and AVX-512 kernels round differently from
 AVX2 ones. Training amplifies the difference: the same seed trained another model on an
-AVX-512 machine than on the AVX2 machine that publishes the study (README, "The same seed on
+AVX-512 machine than on the AVX2 machine that publishes the study (docs/results.md, "The same seed on
 another CPU"). ``pin()`` therefore asks torch (and MKL and oneDNN, whose settings are
 documented for Intel CPUs; untested there) for AVX2 kernels on any x86 CPU that has AVX2,
 before torch runs its first operation.
 
-Measured on 2026-12-04 (README): a 2-core AMD EPYC with AVX-512, pinned, reproduced the
+Measured on 2026-12-04 (docs/results.md): a 2-core AMD EPYC with AVX-512, pinned, reproduced the
 published AVX2 run's pretrained model, both assistants, the seven narrow fine-tunes and six
 of the eight RL runs (every table of notebooks 01 and 02, and the numbers 03, 04 and 07
 print for those models, identical to the last digit; without the pin, none were). Two RL

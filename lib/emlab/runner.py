@@ -80,7 +80,7 @@ def machine() -> dict[str, str | int]:
     the notebooks' thread count and the versions. The same seed gives bit-identical results
     on machines of the same kind that agree on these; float rounding differs between instruction
     sets (AVX-512 vs AVX2), and training amplifies it into another model, and even with the same
-    kernels two kinds of CPU still part in some runs (README, "The same seed on another CPU")."""
+    kernels two kinds of CPU still part in some runs (docs/results.md, "The same seed on another CPU")."""
     import platform
 
     import torch
