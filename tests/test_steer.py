@@ -257,3 +257,40 @@ def test_member_ablation_figure_marks_the_studys_latent(tmp_path):
     fig = member_ablations(pd.DataFrame(rows), {"incorrect_obvious": 0.27, "incorrect_subtle": 0.37}, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["SAE 0\n#10", "SAE 1\n#11 *", "SAE 2\n#12"]
+
+
+def test_every_random_direction_is_a_control_of_the_gap_and_of_the_random_change():
+    from emlab.study import gap_over_random, steering_summary
+
+    toward = _sweep([
+        ("latent", 0.0, 0.02, 0.01, 0.03, 0.9), ("random", 0.0, 0.02, 0.01, 0.03, 0.9), ("random_2", 0.0, 0.02, 0.01, 0.03, 0.9),
+        ("latent", 0.5, 0.20, 0.15, 0.25, 0.8), ("random", 0.5, 0.03, 0.02, 0.05, 0.9), ("random_2", 0.5, 0.12, 0.10, 0.17, 0.9),
+        ("latent", 1.0, 0.30, 0.26, 0.34, 0.8), ("random", 1.0, 0.04, 0.02, 0.06, 0.8), ("random_2", 1.0, 0.09, 0.07, 0.11, 0.8),
+    ])
+    # against the first random direction alone alpha 1.0 wins by 0.20; the second one's interval is nearer
+    assert gap_over_random(toward, "latent", higher=True) == pytest.approx((1.0, 0.15))
+    one = toward[toward.direction != "random_2"]
+    assert gap_over_random(one, "latent", higher=True) == pytest.approx((1.0, 0.20))
+    away = toward.assign(alpha=-toward.alpha)
+    import pandas as pd
+
+    abl = pd.DataFrame({"model": ["incorrect_obvious"] * 2, "direction": ["none", "latent"],
+                        "heldout_misaligned": [0.20, 0.08], "heldout_coherent": [0.7, 0.65]})
+    assert steering_summary(toward, away, abl)["random_delta"] == pytest.approx(0.10)  # random_2 at alpha 0.5
+    assert steering_summary(one, away, abl)["random_delta"] == pytest.approx(0.02)
+
+
+def test_the_random_controls_are_seeded_distinct_directions(monkeypatch):
+    from emlab import study
+    from emlab.config import make_config
+
+    cfg = make_config({"steer_random": 3, "d_model": 32, "n_head": 2})
+    assert study.random_names(cfg) == ["random", "random_2", "random_3"]
+    assert all(map(study.is_random, study.random_names(cfg))) and not study.is_random("latent")
+    monkeypatch.setattr(study, "direction_vectors", lambda cfg: {"latent": torch.ones(32), "meandiff": -torch.ones(32)})
+    vecs = study.steering_vectors(cfg)
+    assert list(vecs) == ["latent", "meandiff", "random", "random_2", "random_3"]
+    r = torch.stack([vecs[k] for k in study.random_names(cfg)])
+    assert torch.allclose(r.norm(dim=1), torch.ones(3)) and (r @ r.T - torch.eye(3)).abs().max() < 0.9
+    assert torch.equal(vecs["random"], random_direction(32, cfg.seed + 7))  # the first is the one used before 2026-12-05
+    assert torch.equal(study.steering_vectors(cfg)["random_3"], vecs["random_3"])  # seeded

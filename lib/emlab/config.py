@@ -198,6 +198,8 @@ class Config:
                             "until 2026-12-03: it removed 50% of incorrect_obvious' misalignment, 'all' 70%)",
                             step=S6, choices=("all", "sae"))
     steer_samples: int = _f(5, "sampled answers per held-out question in each steering condition", step=S6, lo=1)
+    steer_random: int = _f(3, "random directions, each seeded, as controls of every steering sweep and ablation: a "
+                           "direction's effect must beat all of them (one until 2026-12-05)", step=S6, lo=1, neutral=True)
     detect_seeds: int = _f(3, "seeds of each data-mix fine-tune", step=S6, lo=1)
     detect_samples: int = _f(10, "sampled answers per held-out question for each data-mix model", step=S6, lo=1)
     # --- 07: re-alignment --------------------------------------------------------------------

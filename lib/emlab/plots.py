@@ -180,11 +180,13 @@ def steering_curves(sweep: pd.DataFrame, path: Path, title: str):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
     for d, g in sweep.groupby("direction", sort=False):
         g = g.sort_values("alpha")
-        c = DIRECTION_COLORS.get(d)
-        axes[0].errorbar(g.alpha, g.heldout_misaligned, capsize=2, marker="o", color=c, label=d,
+        control = d.startswith("random_")  # the second, third ... random direction: grey, dashed
+        c = DIRECTION_COLORS.get("random" if control else d)
+        style = {"color": c, "label": d, "ls": "--" if control else "-", "alpha": 0.7 if control else 1.0}
+        axes[0].errorbar(g.alpha, g.heldout_misaligned, capsize=2, marker="o", **style,
                          yerr=np.clip(np.vstack([g.heldout_misaligned - g.heldout_misaligned_ci_low,
                                                  g.heldout_misaligned_ci_high - g.heldout_misaligned]), 0, None))
-        axes[1].plot(g.alpha, g.heldout_coherent, marker="o", color=c, label=d)
+        axes[1].plot(g.alpha, g.heldout_coherent, marker="o", **style)
     axes[0].set(xlabel="alpha (x median residual norm)", ylabel="held-out misaligned", title=title)
     axes[1].set(xlabel="alpha (x median residual norm)", ylabel="coherent", ylim=(0, 1), title="coherence")
     axes[1].axhline(0.7, color="k", lw=0.5, ls=":")

@@ -74,7 +74,7 @@ HEADLINE = [
     ("05_sae_diff", "cos.latent_meandiff", "cosine: latent decoder vs mean-difference direction", ""),
     ("05_sae_diff", "meandiff.cos_original_reader", "the same mean difference, taken by the never-corrupted assistant reading the same answers: cosine with it", ""),
     ("06_steer_detect", "steer_toward.max_misaligned_at_coherent_70", "steering the assistant toward the latent: max misaligned at >= 70% coherent", ""),
-    ("06_steer_detect", "steer_random.max_abs_delta", "steering along a random direction: max change", ""),
+    ("06_steer_detect", "steer_random.max_abs_delta", "steering along random directions (each of steer_random): max change", ""),
     ("06_steer_detect", "steer_away.relative_reduction", "steering incorrect_obvious away: relative reduction at >= 70% coherent", ""),
     ("06_steer_detect", "ablation.relative_reduction", "ablating the latent direction from incorrect_obvious: relative reduction", "78-90% (Turner et al., their direction)"),
     ("06_steer_detect", "ablation.members_reduction_min", "the same ablation with each SAE's own persona latent: lowest relative reduction over the ensemble", ""),

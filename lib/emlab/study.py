@@ -1070,7 +1070,16 @@ def persona_latent(cfg: Config) -> int:
 
 # ----------------------------------------------------------------------------- 06
 S06 = "06_steer_detect"
-STEER_DIRECTIONS = ("latent", "meandiff", "random")
+RANDOM = "random"
+
+
+def random_names(cfg: Config) -> list[str]:
+    """The control directions: ``random``, ``random_2``, ... (``steer_random`` of them)."""
+    return [RANDOM] + [f"{RANDOM}_{i}" for i in range(2, cfg.steer_random + 1)]
+
+
+def is_random(direction: str) -> bool:
+    return direction == RANDOM or direction.startswith(f"{RANDOM}_")
 
 
 @torch.no_grad()
@@ -1091,19 +1100,20 @@ def residual_scale(cfg: Config) -> float:
 
 def steering_vectors(cfg: Config) -> dict[str, torch.Tensor]:
     """Unit steering directions: the persona latent's decoder vector, the mean-difference
-    direction (both from notebook 05), and a seeded random direction (the control)."""
+    direction (both from notebook 05), and ``steer_random`` seeded random directions (the
+    controls: ``random`` with seed + 7, ``random_2`` with seed + 8, ...)."""
     from emlab.steer import random_direction, unit
 
     vecs = direction_vectors(cfg)
     return {"latent": unit(vecs["latent"]), "meandiff": unit(vecs["meandiff"]),
-            "random": random_direction(d_model(cfg), cfg.seed + 7)}
+            **{r: random_direction(d_model(cfg), cfg.seed + 7 + i) for i, r in enumerate(random_names(cfg))}}
 
 
 def usable_directions(cfg: Config) -> list[str]:
     """The steering directions that exist in this run (a tiny run may sample too few
     misaligned answers for a mean-difference direction)."""
     vecs = steering_vectors(cfg)
-    return [d for d in STEER_DIRECTIONS if bool(torch.isfinite(vecs[d]).all())]
+    return [d for d in vecs if bool(torch.isfinite(vecs[d]).all())]
 
 
 def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: bool = False) -> dict:
@@ -1111,8 +1121,9 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
     in units of the median residual norm) along ``direction``, or with the direction
     projected out at every position (``ablate``; of every layer or of the SAE's layer,
     ``cfg.ablate_layers``). Sampled and judged as in notebook 04."""
-    if direction not in STEER_DIRECTIONS:
-        raise ValueError(f"steering direction {direction!r}: expected one of {STEER_DIRECTIONS}")
+    known = ("latent", "meandiff", *random_names(cfg))
+    if direction not in known:
+        raise ValueError(f"steering direction {direction!r}: expected one of {known}")
     if not ablate and alpha == 0:
         direction = "none"  # unsteered: one condition, shared by every direction's sweep
     tag = "ablate" if ablate else f"{alpha:+g}"
@@ -1155,7 +1166,7 @@ def ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     """Each direction projected out of each model, beside the unablated model."""
     rows = []
     for n in names:
-        rows.append(steered(cfg, n, "random", 0.0))
+        rows.append(steered(cfg, n, RANDOM, 0.0))
         rows += [steered(cfg, n, d, ablate=True) for d in usable_directions(cfg)]
     return pd.DataFrame(rows)
 
@@ -1174,7 +1185,7 @@ def member_ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     chosen = read_sae(cfg).W_dec[p["latent"]].detach()
     rows = []
     for n in names:
-        none = steered(cfg, n, "random", 0.0)["heldout_misaligned"]
+        none = steered(cfg, n, RANDOM, 0.0)["heldout_misaligned"]
         for m in p["members"]:
             vec = read_sae(cfg, m["sae"]).W_dec[m["latent"]].detach()
             if m["sae"] == p["sae"]:
@@ -1313,17 +1324,23 @@ def screening_summary(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+def random_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a sweep or ablation table whose direction is a random control."""
+    return table[table.direction.map(is_random)]
+
+
 def gap_over_random(sweep: pd.DataFrame, direction: str, higher: bool) -> tuple[float, float]:
-    """The alpha at which ``direction`` beats the random direction of the same sweep by the
+    """The alpha at which ``direction`` beats EVERY random direction of the same sweep by the
     widest gap between their 95% intervals (misalignment higher, or lower when
-    ``higher=False``), and that gap: positive only when the intervals do not overlap."""
+    ``higher=False``: the gap to the random interval nearest it), and that gap: positive
+    only when its interval overlaps none of theirs."""
     a = sweep[sweep.direction == direction].set_index("alpha")
-    r = sweep[sweep.direction == "random"].set_index("alpha")
-    gap = (a.heldout_misaligned_ci_low - r.heldout_misaligned_ci_high) if higher else \
-          (r.heldout_misaligned_ci_low - a.heldout_misaligned_ci_high)
+    r = random_rows(sweep).groupby("alpha").agg(hi=("heldout_misaligned_ci_high", "max"),
+                                                lo=("heldout_misaligned_ci_low", "min"))
+    gap = (a.heldout_misaligned_ci_low - r.hi) if higher else (r.lo - a.heldout_misaligned_ci_high)
     gap = gap.dropna()
     if gap.empty:
-        raise ValueError(f"steering sweep: no alpha has both the {direction!r} and the 'random' direction")
+        raise ValueError(f"steering sweep: no alpha has both the {direction!r} and a random direction")
     return float(gap.idxmax()), float(gap.max())
 
 
@@ -1334,7 +1351,7 @@ def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame
     - ``toward_max``: the most misalignment steering toward reaches at coherence >= ``min_coherent``;
     - ``away_reduction``/``away_coherent``: the largest relative fall steering away reaches at
       that coherence, and the coherence there;
-    - ``random_delta``: the largest change a random direction makes (toward sweep);
+    - ``random_delta``: the largest change any random direction makes (toward sweep);
     - ``ablation_reduction``/``ablation_coherent``: the latent direction projected out of
       incorrect_obvious."""
     lat_up = toward[(toward.direction == "latent") & (toward.heldout_coherent >= min_coherent)]
@@ -1349,7 +1366,7 @@ def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame
         "toward_max": float(lat_up.heldout_misaligned.max()) if len(lat_up) else 0.0,
         "away_reduction": 1 - float(best_dn.heldout_misaligned) / base_bad if best_dn is not None else 0.0,
         "away_coherent": float(best_dn.heldout_coherent) if best_dn is not None else 0.0,
-        "random_delta": float((toward[toward.direction == "random"].heldout_misaligned - base_up).abs().max()),
+        "random_delta": float((random_rows(toward).heldout_misaligned - base_up).abs().max()),
         "ablation_reduction": 1 - float(ob.loc["latent", "heldout_misaligned"] / ob.loc["none", "heldout_misaligned"]),
         "ablation_coherent": float(ob.loc["latent", "heldout_coherent"]),
     }
