@@ -824,6 +824,13 @@ def persona_table(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("sae")
 
 
+@torch.no_grad()
+def doc_latent(s, latent: int, acts: list[torch.Tensor], n_docs: int) -> list[torch.Tensor]:
+    """Latent ``latent`` of SAE ``s`` at every token of each of the first ``n_docs``
+    pretraining documents (``acts``: ``document_activations``).  # n_docs x [n_tokens]"""
+    return [s.encode(a)[:, latent] for a in acts[:n_docs]]
+
+
 def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int = 10) -> dict:
     """The latent on pretraining documents: AUROC of its mean activation for villain vs
     helpful and sarcastic vs helpful documents, and its top-activating snippets."""
@@ -832,8 +839,7 @@ def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int
     s = read_sae(cfg)
     texts, chars = sae_texts(cfg)
     chars = np.asarray(chars)
-    with torch.no_grad():
-        per_doc = [s.encode(a)[:, latent] for a in acts[: len(chars)]]
+    per_doc = doc_latent(s, latent, acts, len(chars))
     means = np.array([float(x.mean()) for x in per_doc])
     maxes = np.array([float(x.max()) for x in per_doc])
     out = {}
@@ -1006,8 +1012,7 @@ def meandiff_nearest_latents(cfg: Config, acts: list[torch.Tensor]) -> pd.DataFr
             s = read_sae(cfg, m)
             j, c = nearest_latent(s.W_dec.detach(), md)
             score = diffing_score(pd.DataFrame(shifts[m]), cfg.diff_baseline).to_numpy()
-            with torch.no_grad():
-                means = np.array([float(s.encode(a)[:, j].mean()) for a in acts[: len(chars)]])
+            means = np.array([float(x.mean()) for x in doc_latent(s, j, acts, len(chars))])
             villain = auroc(means[sel], chars[sel] == "villain") if 0 < (chars[sel] == "villain").sum() < sel.sum() else float("nan")
             rows.append({"sae": m, "latent": j, "cosine with the mean difference": c,
                          "diffing rank": int((score > score[j]).sum()) + 1, "villain AUROC": villain})
@@ -1058,8 +1063,7 @@ def latent_by_character(cfg: Config, latent: int, acts: list[torch.Tensor]) -> p
     """Mean activation of one latent on each pretraining document, with its character."""
     s = read_sae(cfg)
     _, chars = sae_texts(cfg)
-    with torch.no_grad():
-        vals = [float(s.encode(a)[:, latent].mean()) for a in acts[: len(chars)]]
+    vals = [float(x.mean()) for x in doc_latent(s, latent, acts, len(chars))]
     return pd.DataFrame({"character": chars, "activation": vals})
 
 
