@@ -239,11 +239,21 @@ def test_member_ablation_summary_counts_the_members_that_reach_the_target_at_the
         "sae": [0, 1, 2, 3, 0],
         "relative_reduction": [0.75, 0.85, 0.90, 0.81, 0.99],  # the subtle row is not the obvious model's
         "heldout_coherent": [0.9, 0.9, 0.6, 0.7, 0.9],  # member 2 reaches 90% but at 60% coherent
+        "heldout_misaligned_ci_high": [0.09, 0.06, 0.05, 0.08, 0.01],
     })
-    s = member_ablation_summary(table)
+    abl = pd.DataFrame({"model": ["incorrect_obvious"] * 3 + ["incorrect_subtle"] * 2,
+                        "direction": ["none", "random", "random_2", "random", "latent"],
+                        "heldout_misaligned_ci_low": [0.24, 0.25, 0.10, 0.30, 0.0]})
+    s = member_ablation_summary(table, abl)
     assert s == {"ablation.members_reduction_min": 0.75, "ablation.members_reduction_max": 0.90,
-                 "ablation.members_meeting_target": 2, "ablation.members": 4}
-    assert member_ablation_summary(table, "incorrect_subtle")["ablation.members_meeting_target"] == 1
+                 "ablation.members_meeting_target": 2, "ablation.members": 4, "ablation.members_beat_every_random": True}
+    assert member_ablation_summary(table, abl, "incorrect_subtle")["ablation.members_meeting_target"] == 1
+    # random_2's interval starts at 0.10: a member whose interval reaches it does not beat every random direction
+    worse = table.assign(heldout_misaligned_ci_high=[0.09, 0.06, 0.05, 0.11, 0.01])
+    assert member_ablation_summary(worse, abl)["ablation.members_beat_every_random"] is False
+    # a model without a random row cannot pass
+    no_random = abl[~((abl.model == "incorrect_subtle") & (abl.direction == "random"))]
+    assert member_ablation_summary(table, no_random)["ablation.members_beat_every_random"] is False
 
 
 def test_member_ablation_figure_marks_the_studys_latent(tmp_path):
@@ -254,7 +264,8 @@ def test_member_ablation_figure_marks_the_studys_latent(tmp_path):
     rows = [{"model": m, "sae": s, "latent": 10 + s, "chosen": s == 1, "heldout_misaligned": 0.05 + 0.01 * s,
              "heldout_misaligned_ci_low": 0.04, "heldout_misaligned_ci_high": 0.08}
             for m in ("incorrect_obvious", "incorrect_subtle") for s in range(3)]
-    fig = member_ablations(pd.DataFrame(rows), {"incorrect_obvious": 0.27, "incorrect_subtle": 0.37}, tmp_path / "f.png")
+    table = pd.DataFrame(rows).assign(unablated=lambda t: t.model.map({"incorrect_obvious": 0.27, "incorrect_subtle": 0.37}))
+    fig = member_ablations(table, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["SAE 0\n#10", "SAE 1\n#11 *", "SAE 2\n#12"]
 

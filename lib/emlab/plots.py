@@ -195,10 +195,10 @@ def steering_curves(sweep: pd.DataFrame, path: Path, title: str):
     return fig
 
 
-def member_ablations(table: pd.DataFrame, unablated: dict[str, float], path: Path):
+def member_ablations(table: pd.DataFrame, path: Path):
     """Held-out misalignment (95% intervals) of each model with each SAE's own persona latent
     projected out (x: the ensemble's members, the study's latent marked *), beside the model
-    unablated (dashed)."""
+    unablated (dashed; ``study.member_ablations``' table)."""
     members = table.drop_duplicates("sae").sort_values("sae")
     labels = [f"SAE {r.sae}\n#{r.latent}{' *' if r.chosen else ''}" for r in members.itertuples()]
     models = list(dict.fromkeys(table.model))
@@ -211,7 +211,7 @@ def member_ablations(table: pd.DataFrame, unablated: dict[str, float], path: Pat
                                  t.heldout_misaligned_ci_high - t.heldout_misaligned]), 0, None)
         style = _style(m)
         ax.bar(x + i * width - 0.4 + width / 2, t.heldout_misaligned, width, yerr=err, capsize=1.5, label=m, **style)
-        ax.axhline(unablated[m], color=style["color"], lw=1, ls="--")
+        ax.axhline(t.unablated.iloc[0], color=style["color"], lw=1, ls="--")
     ax.set_xticks(x, labels)
     ax.set(ylabel="held-out misaligned", ylim=(0, None),
            title="each SAE's persona latent projected out (dashed: unablated)")

@@ -1181,7 +1181,7 @@ def member_ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     label) projected out of each model exactly as ``ablations`` projects the study's latent.
     One row per member and model: the latent, its diffing score, the cosine of its decoder
     direction with the study's latent's, the misalignment with its interval, the coherence,
-    and the relative reduction from the unablated model. The chosen member's rows are
+    the unablated model's misalignment and the relative reduction from it. The chosen member's rows are
     ``ablations``' latent rows (the same computation, so read from the same cache)."""
     from emlab.diffing import cosine
 
@@ -1201,19 +1201,25 @@ def member_ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
                          "chosen": m["sae"] == p["sae"], "cos_with_chosen": cosine(vec, chosen),
                          **{k: res[k] for k in ("heldout_misaligned", "heldout_misaligned_ci_low",
                                                 "heldout_misaligned_ci_high", "heldout_coherent")},
+                         "unablated": none,
                          "relative_reduction": 1 - res["heldout_misaligned"] / none if none > 0 else float("nan")})
     return pd.DataFrame(rows)
 
 
-def member_ablation_summary(table: pd.DataFrame, model: str = "incorrect_obvious", target: float = 0.8,
-                            min_coherent: float = 0.7) -> dict:
-    """Over the ensemble's latents ablated from ``model``: the lowest and highest relative
-    reduction, and how many members reach ``target`` at coherence >= ``min_coherent``."""
+def member_ablation_summary(table: pd.DataFrame, abl: pd.DataFrame, model: str = "incorrect_obvious",
+                            target: float = 0.8, min_coherent: float = 0.7) -> dict:
+    """Over the ensemble's latents ablated from ``model`` (``member_ablations``): the lowest and
+    highest relative reduction, and how many members reach ``target`` at coherence >=
+    ``min_coherent``; and whether every member's interval, on every model of ``table``, lies
+    below every random direction's ablation interval on that model (``ablations``' ``abl``)."""
     t = table[table.model == model]
     ok = (t.relative_reduction >= target) & (t.heldout_coherent >= min_coherent)
+    random_low = random_rows(abl).groupby("model").heldout_misaligned_ci_low.min()
+    beat = table.heldout_misaligned_ci_high < table.model.map(random_low)  # NaN (no random row) compares False
     return {"ablation.members_reduction_min": float(t.relative_reduction.min()),
             "ablation.members_reduction_max": float(t.relative_reduction.max()),
-            "ablation.members_meeting_target": int(ok.sum()), "ablation.members": int(len(t))}
+            "ablation.members_meeting_target": int(ok.sum()), "ablation.members": int(len(t)),
+            "ablation.members_beat_every_random": bool(beat.all())}
 
 
 def mix_finetune(cfg: Config, fraction: float, seed: int) -> Path:
