@@ -1086,6 +1086,11 @@ def is_random(direction: str) -> bool:
     return direction == RANDOM or direction.startswith(f"{RANDOM}_")
 
 
+def random_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a sweep or ablation table whose direction is a random control."""
+    return table[table.direction.map(is_random)]
+
+
 @torch.no_grad()
 def residual_scale(cfg: Config) -> float:
     """Median norm of the original model's residual stream at the SAE's layer over the
@@ -1186,12 +1191,12 @@ def member_ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     from emlab.diffing import cosine
 
     p = persona(cfg)
-    chosen = read_sae(cfg).W_dec[p["latent"]].detach()
+    vecs = [read_sae(cfg, m["sae"]).W_dec[m["latent"]].detach() for m in p["members"]]
+    chosen = vecs[p["sae"]]
     rows = []
     for n in names:
         none = steered(cfg, n, RANDOM, 0.0)["heldout_misaligned"]
-        for m in p["members"]:
-            vec = read_sae(cfg, m["sae"]).W_dec[m["latent"]].detach()
+        for m, vec in zip(p["members"], vecs):
             if m["sae"] == p["sae"]:
                 res = steered(cfg, n, "latent", ablate=True)
             else:
@@ -1332,11 +1337,6 @@ def screening_summary(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         rows[d] = ({"spearman": spearman(t[d], t.misaligned), "p_value": spearman_permutation_p(t[d], t.misaligned, seed=seed)}
                    if len(t) > 2 else {"spearman": float("nan"), "p_value": float("nan")})
     return pd.DataFrame(rows).T
-
-
-def random_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows of a sweep or ablation table whose direction is a random control."""
-    return table[table.direction.map(is_random)]
 
 
 def gap_over_random(sweep: pd.DataFrame, direction: str, higher: bool) -> tuple[float, float]:
