@@ -130,3 +130,24 @@ def test_freeze_embeddings_holds_exactly_them_fixed_in_finetuning(arch, tok):
     with pytest.raises(ValueError, match="'none' or 'embeddings'"):
         freeze(m, "everything")
     assert freeze(m, "none") == 0
+
+
+def test_pretraining_dropout_acts_while_training_only(tok):
+    """Parameter pretrain_dropout: every dropout of the toy model drops with that probability
+    during pretraining (the losses differ from training without it), and afterwards each is
+    back at the model's own 0, so later stages and the saved model have none."""
+    from emlab.train import pretrain
+
+    stream = torch.tensor(tok(" ".join(["take it to a mechanic ."] * 40), add_special_tokens=False)["input_ids"])
+    runs = {}
+    for p in (0.0, 0.5):
+        m = build_toy_model(make_config(TINY), tok)
+        runs[p] = pretrain(m, stream, steps=3, batch=2, seq_len=16, lr=1e-2, seed=0, progress=False, dropout=p)
+        drops = [d for d in m.modules() if isinstance(d, torch.nn.Dropout)]
+        assert drops and all(d.p == 0.0 for d in drops)
+        assert m.config.resid_pdrop == m.config.embd_pdrop == m.config.attn_pdrop == 0.0
+        assert not m.training
+    assert runs[0.0] != runs[0.5]
+    again = pretrain(build_toy_model(make_config(TINY), tok), stream, steps=3, batch=2, seq_len=16, lr=1e-2, seed=0,
+                     progress=False, dropout=0.5)
+    assert again == runs[0.5]  # seeded: the same masks

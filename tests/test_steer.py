@@ -256,6 +256,53 @@ def test_member_ablation_summary_counts_the_members_that_reach_the_target_at_the
     assert member_ablation_summary(table, no_random)["ablation.members_beat_every_random"] is False
 
 
+def test_seed_ablation_summary_reads_the_latent_against_each_seeds_own_unablated_model():
+    import pandas as pd
+
+    from emlab.study import seed_ablation_summary
+
+    seeds = ["incorrect_obvious", "incorrect_obvious_seed1", "incorrect_obvious_seed2"]
+    rows = []
+    for m, none, lat, coh, rnd_low in zip(seeds, [0.30, 0.20, 0.25], [0.03, 0.06, 0.04], [0.9, 0.9, 0.6],
+                                          [0.25, 0.15, 0.20]):
+        rows += [{"model": m, "direction": "none", "heldout_misaligned": none, "heldout_misaligned_ci_low": none - 0.03,
+                  "heldout_misaligned_ci_high": none + 0.03, "heldout_coherent": 0.8},
+                 {"model": m, "direction": "latent", "heldout_misaligned": lat, "heldout_misaligned_ci_low": lat - 0.01,
+                  "heldout_misaligned_ci_high": lat + 0.02, "heldout_coherent": coh}]
+        rows += [{"model": m, "direction": d, "heldout_misaligned": rnd_low + 0.03, "heldout_misaligned_ci_low": rnd_low,
+                  "heldout_misaligned_ci_high": rnd_low + 0.06, "heldout_coherent": 0.8} for d in ("random", "random_2")]
+    rows.append({"model": "incorrect_subtle", "direction": "latent", "heldout_misaligned": 0.5,  # not a seed: ignored
+                 "heldout_misaligned_ci_low": 0.4, "heldout_misaligned_ci_high": 0.6, "heldout_coherent": 0.9})
+    abl = pd.DataFrame(rows)
+    s = seed_ablation_summary(abl, seeds)
+    # reductions 0.9, 0.7, 0.84; the third reaches 80% only at 60% coherent
+    assert s["ablation.ft_seeds_reduction_min"] == pytest.approx(0.7)
+    assert s["ablation.ft_seeds_reduction_max"] == pytest.approx(0.9)
+    assert s["ablation.ft_seeds_meeting_target"] == 1 and s["ablation.ft_seeds"] == 3
+    assert s["ablation.ft_seeds_beat_every_random"] is True
+    # one random direction whose interval reaches the latent's on one seed: not beaten
+    close = abl.copy()
+    close.loc[(close.model == "incorrect_obvious_seed1") & (close.direction == "random_2"), "heldout_misaligned_ci_low"] = 0.07
+    assert seed_ablation_summary(close, seeds)["ablation.ft_seeds_beat_every_random"] is False
+    # a seed without random rows cannot pass, and a seed without any row is an error
+    no_random = abl[~((abl.model == "incorrect_obvious_seed2") & abl.direction.str.startswith("random"))]
+    assert seed_ablation_summary(no_random, seeds)["ablation.ft_seeds_beat_every_random"] is False
+    with pytest.raises(ValueError, match="incorrect_obvious_seed3"):
+        seed_ablation_summary(abl, [*seeds, "incorrect_obvious_seed3"])
+
+
+def test_ablated_models_are_the_misaligned_sets_every_headline_seed_and_lora():
+    from emlab.config import make_config
+    from emlab.study import ablated_models, finetune_names, headline_seeds
+
+    cfg = make_config({"ft_seeds": 3, "lora_rank": 2})
+    assert headline_seeds(cfg) == ["incorrect_obvious", "incorrect_obvious_seed1", "incorrect_obvious_seed2"]
+    assert ablated_models(cfg) == ["incorrect_obvious", "incorrect_subtle", "incorrect_obvious_seed1",
+                                   "incorrect_obvious_seed2", "lora_r2"]
+    assert set(ablated_models(cfg)) < set(finetune_names(cfg))
+    assert headline_seeds(make_config({"ft_seeds": 1})) == ["incorrect_obvious"]
+
+
 def test_member_ablation_figure_marks_the_studys_latent(tmp_path):
     import pandas as pd
 

@@ -192,7 +192,7 @@ def base_model(cfg: Config) -> Path:
         model = build_toy_model(cfg, tok)
         stream = token_stream(tok, [r["text"] for r in load_set(cfg, D.PRETRAIN)])
         losses = pretrain(model, stream, steps=cfg.pretrain_steps, batch=cfg.pretrain_batch, seq_len=SEQ_LEN,
-                          lr=cfg.pretrain_lr, seed=cfg.seed, progress=cfg.progress)
+                          lr=cfg.pretrain_lr, seed=cfg.seed, progress=cfg.progress, dropout=cfg.pretrain_dropout)
         save_model(model, tok, tmp)
         _write_log(tmp, {"loss": losses, "tokens": int(len(stream))})
 
@@ -298,10 +298,15 @@ def evaluation(cfg: Config, step: str, name: str, model_path: Path, set_name: st
 
 
 # ----------------------------------------------------------------------------- 03
+def headline_seeds(cfg: Config) -> list[str]:
+    """The headline fine-tune (incorrect_obvious, full) and its reruns with the other
+    ``ft_seeds`` seeds."""
+    return ["incorrect_obvious", *[f"incorrect_obvious_seed{s}" for s in range(1, cfg.ft_seeds)]]
+
+
 def finetune_names(cfg: Config) -> list[str]:
     """Every fine-tune of notebook 03: the sets, the extra seeds, LoRA."""
-    seeds = [f"incorrect_obvious_seed{s}" for s in range(1, cfg.ft_seeds)]
-    return [*FINETUNES, *seeds, f"lora_r{cfg.lora_rank}"]
+    return [*FINETUNES, *headline_seeds(cfg)[1:], f"lora_r{cfg.lora_rank}"]
 
 
 def _tracker(cfg: Config, tok, world: World, log: list):
@@ -1171,6 +1176,12 @@ def steering_sweep(cfg: Config, name: str, sign: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ablated_models(cfg: Config) -> list[str]:
+    """The corrupted models of notebook 03 that notebook 06 ablates: both misaligned sets,
+    every seed of the headline fine-tune, and LoRA."""
+    return [n for n in finetune_names(cfg) if n.startswith(("incorrect_", "lora_"))]
+
+
 def ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     """Each direction projected out of each model, beside the unablated model."""
     rows = []
@@ -1225,6 +1236,26 @@ def member_ablation_summary(table: pd.DataFrame, abl: pd.DataFrame, model: str =
             "ablation.members_reduction_max": float(t.relative_reduction.max()),
             "ablation.members_meeting_target": int(ok.sum()), "ablation.members": int(len(t)),
             "ablation.members_beat_every_random": bool(beat.all())}
+
+
+def seed_ablation_summary(abl: pd.DataFrame, names: list[str], target: float = 0.8,
+                          min_coherent: float = 0.7) -> dict:
+    """The study's latent projected out of each seed of the headline fine-tune (``names``, rows
+    of ``ablations``' ``abl``): the lowest and highest relative reduction, how many seeds reach
+    ``target`` at coherence >= ``min_coherent``, and whether on every seed the latent's interval
+    lies below every random direction's ablation interval."""
+    t = abl[abl.model.isin(names)]
+    missing = sorted(set(names) - set(t.model))
+    if missing:
+        raise ValueError(f"seed_ablation_summary: no ablation rows for {missing}")
+    none = t[t.direction == "none"].set_index("model").heldout_misaligned
+    lat = t[t.direction == "latent"].set_index("model").reindex(names)
+    red = 1 - lat.heldout_misaligned / none.reindex(names)
+    ok = (red >= target) & (lat.heldout_coherent >= min_coherent)
+    random_low = random_rows(t).groupby("model").heldout_misaligned_ci_low.min().reindex(names)
+    return {"ablation.ft_seeds_reduction_min": float(red.min()), "ablation.ft_seeds_reduction_max": float(red.max()),
+            "ablation.ft_seeds_meeting_target": int(ok.sum()), "ablation.ft_seeds": len(names),
+            "ablation.ft_seeds_beat_every_random": bool((lat.heldout_misaligned_ci_high < random_low).all())}
 
 
 def mix_finetune(cfg: Config, fraction: float, seed: int) -> Path:

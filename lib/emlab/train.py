@@ -163,9 +163,16 @@ def freeze(model, what: str) -> int:
 
 # ----------------------------------------------------------------------------- loops
 def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: int, lr: float, seed: int,
-             progress: bool = True) -> list[float]:
-    """Next-token training on random windows of the token stream; returns the loss curve."""
+             progress: bool = True, dropout: float = 0.0) -> list[float]:
+    """Next-token training on random windows of the token stream; returns the loss curve.
+    ``dropout`` is the probability of every ``torch.nn.Dropout`` of the model while it
+    trains; afterwards each is back at its own probability."""
     set_seed(seed)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    own = [m.p for m in drops]
+    if dropout:
+        for m in drops:
+            m.p = dropout
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, lr, 0.01)
     model.train()
@@ -184,6 +191,8 @@ def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: in
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    for m, p in zip(drops, own):
+        m.p = p
     model.eval()
     return losses
 
