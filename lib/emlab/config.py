@@ -126,7 +126,8 @@ class Config:
     pretrain_batch: int = _f(32, "pretraining sequences per step", step=S2, lo=1)
     pretrain_lr: float = _f(2e-3, "pretraining peak learning rate (AdamW, cosine)", step=S2, lo=0.0, hi=1.0)
     pretrain_dropout: float = _f(0.0, "toy model: dropout probability of every dropout of GPT-2 (embeddings, attention "
-                                 "weights, attention and MLP outputs) during pretraining only; the saved model has none",
+                                 "weights, attention and MLP outputs) during pretraining only; the saved model has none (0.1 made random "
+                                 "directions steer more, and the fine-tunes spread less: docs/results.md)",
                                  step=S2, lo=0.0, hi=0.9, neutral=True)
     chat_steps: int = _f(150, "chat post-training steps (how hard the assistant is pinned)", step=S2, lo=0)
     chat_batch: int = _f(16, "chat post-training examples per step", step=S2, lo=1)
