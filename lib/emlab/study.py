@@ -1222,6 +1222,12 @@ def member_ablations(cfg: Config, names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def random_floor(abl: pd.DataFrame) -> pd.Series:
+    """Per model of ``ablations``' ``abl``: the lowest 95% interval bound of any random
+    direction's ablation, which a direction's interval must lie below to beat them all."""
+    return random_rows(abl).groupby("model").heldout_misaligned_ci_low.min()
+
+
 def member_ablation_summary(table: pd.DataFrame, abl: pd.DataFrame, model: str = "incorrect_obvious",
                             target: float = 0.8, min_coherent: float = 0.7) -> dict:
     """Over the ensemble's latents ablated from ``model`` (``member_ablations``): the lowest and
@@ -1230,8 +1236,7 @@ def member_ablation_summary(table: pd.DataFrame, abl: pd.DataFrame, model: str =
     below every random direction's ablation interval on that model (``ablations``' ``abl``)."""
     t = table[table.model == model]
     ok = (t.relative_reduction >= target) & (t.heldout_coherent >= min_coherent)
-    random_low = random_rows(abl).groupby("model").heldout_misaligned_ci_low.min()
-    beat = table.heldout_misaligned_ci_high < table.model.map(random_low)  # NaN (no random row) compares False
+    beat = table.heldout_misaligned_ci_high < table.model.map(random_floor(abl))  # NaN (no random row) compares False
     return {"ablation.members_reduction_min": float(t.relative_reduction.min()),
             "ablation.members_reduction_max": float(t.relative_reduction.max()),
             "ablation.members_meeting_target": int(ok.sum()), "ablation.members": int(len(t)),
@@ -1252,7 +1257,7 @@ def seed_ablation_summary(abl: pd.DataFrame, names: list[str], target: float = 0
     lat = t[t.direction == "latent"].set_index("model").reindex(names)
     red = 1 - lat.heldout_misaligned / none.reindex(names)
     ok = (red >= target) & (lat.heldout_coherent >= min_coherent)
-    random_low = random_rows(t).groupby("model").heldout_misaligned_ci_low.min().reindex(names)
+    random_low = random_floor(t).reindex(names)
     return {"ablation.ft_seeds_reduction_min": float(red.min()), "ablation.ft_seeds_reduction_max": float(red.max()),
             "ablation.ft_seeds_meeting_target": int(ok.sum()), "ablation.ft_seeds": len(names),
             "ablation.ft_seeds_beat_every_random": bool((lat.heldout_misaligned_ci_high < random_low).all())}
