@@ -193,3 +193,26 @@ def test_sae_reads_leave_out_each_texts_first_position(smoke_run):
             i = snip["doc"]
             j = int(s.encode(full[i][1:])[:, latent].argmax()) + 1  # a token index of the whole text
             assert f"[[{texts[i].split()[j]}]]" in snip["snippet"]
+
+
+def test_sae_source_both_pools_the_assistants_and_the_base_models_activations(smoke_run):
+    """``sae_source: both``: the SAEs train on the assistant's activations of the texts
+    followed by the base model's of the same texts; latents are read on the assistant."""
+    import dataclasses
+
+    import torch
+
+    from emlab import study
+    from emlab.config import load_config
+
+    cfg = load_config(smoke_run[0])
+    both = dataclasses.replace(cfg, sae_source="both")
+    assert study.original_model(both) == study.ASSISTANT
+    assistant = study.document_activations(cfg)
+    base = study.document_activations(dataclasses.replace(cfg, sae_source="base_model"))
+    pooled = study.training_activations(both, assistant)
+    assert len(pooled) == 2 * len(assistant)
+    for a, b, p, q in zip(assistant, base, pooled[: len(assistant)], pooled[len(assistant):]):
+        assert torch.equal(p, a) and torch.equal(q, b)
+    assert not all(torch.equal(a, b) for a, b in zip(assistant, base)), "the two models must differ"
+    assert study.training_activations(cfg, assistant) is assistant

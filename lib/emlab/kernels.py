@@ -3,7 +3,7 @@
 torch picks its vectorised kernels (softmax, layer norm, GELU, attention, the optimiser's
 updates...) by the CPU's widest instruction set, and AVX-512 kernels round differently from
 AVX2 ones. Training amplifies the difference: the same seed trained another model on an
-AVX-512 machine than on the AVX2 machine that publishes the study (docs/results.md, "The same seed on
+AVX-512 machine than on the AVX2 machine that published the study until 2026-12-04 (docs/results.md, "The same seed on
 another CPU"). ``pin()`` therefore asks torch (and MKL and oneDNN, whose settings are
 documented for Intel CPUs) for AVX2 kernels on any x86 CPU that has AVX2,
 before torch runs its first operation.
@@ -17,8 +17,9 @@ kernels is not found (MKL ignores MKL_CBWR on AMD CPUs; MKL_ENABLE_INSTRUCTIONS 
 FBGEMM_ENABLE_INSTRUCTIONS changed nothing; MKL's cache-dependent blocking is a guess). The pin costs about 3% in pretraining there (bench/: matmuls go through MKL
 either way).
 
-Measured on 2026-12-05 on an Intel Xeon with AVX-512, pinned: another draw from pretraining on,
-and 05's villain claim fails on it (docs/results.md). MKL's reproducibility mode is not the
+Measured on 2026-12-05 on an Intel Xeon with AVX-512, pinned: another draw from pretraining on
+(with SAE k = 4, 05's villain claim failed on it; that draw, with k = 8, is the published study
+since: docs/results.md). MKL's reproducibility mode is not the
 cause: with ``MKL_CBWR=AUTO MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL then reports ``CNR:AUTO``, as
 on AMD) the pretrained model was the pinned Intel run's to every printed digit, not the AMD one's.
 

@@ -614,13 +614,20 @@ def first_position(cfg: Config) -> int:
     return int(cfg.sae_skip_first)
 
 
-def document_activations(cfg: Config) -> list[torch.Tensor]:
-    """Per-text activations of the original model at the SAE's hook (sae_texts order),
-    from position ``first_position(cfg)`` on: row j of text i is its token j + that."""
+def original_model(cfg: Config) -> str:
+    """The model that latents are read on and that diffing compares the fine-tunes with:
+    ``sae_source``, or the assistant when the SAE is trained on both models (``both``)."""
+    return ASSISTANT if cfg.sae_source == "both" else cfg.sae_source
+
+
+def document_activations(cfg: Config, source: str | None = None) -> list[torch.Tensor]:
+    """Per-text activations of ``source`` (default: ``original_model``) at the SAE's hook
+    (sae_texts order), from position ``first_position(cfg)`` on: row j of text i is its
+    token j + that."""
     from emlab.sae import hook_name, iter_activations
 
     _threads()
-    ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source), cfg)
+    ht, tok = _hooked(Step(cfg, S02).require(source or original_model(cfg)), cfg)
     texts, _ = sae_texts(cfg)
     out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
@@ -633,9 +640,15 @@ def sae_dir(member: int) -> str:
     return f"{SAE_DIR}_{member}"
 
 
+def training_activations(cfg: Config, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The texts' activations that train the SAEs: ``acts`` (``document_activations``, of
+    ``original_model``), and with ``sae_source: both`` the base model's on the same texts too."""
+    return acts + document_activations(cfg, BASE) if cfg.sae_source == "both" else acts
+
+
 def sae_split(cfg: Config, acts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The SAEs' held-out and training activations: every text's activations
-    (``document_activations``) pooled, shuffled with the run's seed, the first
+    (``training_activations``) pooled, shuffled with the run's seed, the first
     ``N_TEST_ACTS`` held out."""
     flat = torch.cat(acts)
     flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(cfg.seed))]
@@ -644,15 +657,16 @@ def sae_split(cfg: Config, acts: list[torch.Tensor]) -> tuple[torch.Tensor, torc
 
 def sae(cfg: Config, acts: list[torch.Tensor] | None = None, member: int = 0) -> Path:
     """SAE ``member`` of the ensemble, trained on the original model's activations (SAELens
-    format), with stats. Every member sees the same activations and the same held-out split;
-    only the SAE's own seed (initialisation, batch order) differs."""
+    format), with stats. Every member sees the same activations (``acts``:
+    ``training_activations``, collected here when None) and the same held-out split; only
+    the SAE's own seed (initialisation, batch order) differs."""
     from emlab.sae import hook_name, sae_stats, save_sae, train_sae
 
     _check_member(cfg, member)
     _threads()
 
     def build(tmp: Path) -> None:
-        test, train = sae_split(cfg, acts if acts is not None else document_activations(cfg))
+        test, train = sae_split(cfg, acts if acts is not None else training_activations(cfg, document_activations(cfg)))
         model = train_sae(train, width=cfg.sae_width, k=cfg.sae_k, steps=cfg.sae_steps, batch=cfg.sae_batch,
                           lr=cfg.sae_lr, seed=cfg.seed + 1000 * member, hook=hook_name(cfg.sae_layer),
                           model_name=cfg.sae_source, dead_window=cfg.sae_dead_window)
@@ -664,11 +678,13 @@ def sae(cfg: Config, acts: list[torch.Tensor] | None = None, member: int = 0) ->
 
 
 def saes(cfg: Config, acts: list[torch.Tensor] | None = None) -> list[Path]:
-    """Every SAE of the ensemble (trained once, then reused); the activations are collected
-    once for all the members still to train."""
-    if acts is None and not all(Step(cfg, S05).is_fresh(sae_dir(m)) for m in range(cfg.sae_seeds)):
-        acts = document_activations(cfg)
-    return [sae(cfg, acts, m) for m in range(cfg.sae_seeds)]
+    """Every SAE of the ensemble (trained once, then reused); the training activations are
+    collected once for all the members still to train (``acts``: ``document_activations``,
+    reused when given)."""
+    pool = None
+    if not all(Step(cfg, S05).is_fresh(sae_dir(m)) for m in range(cfg.sae_seeds)):
+        pool = training_activations(cfg, acts if acts is not None else document_activations(cfg))
+    return [sae(cfg, pool, m) for m in range(cfg.sae_seeds)]
 
 
 def _check_member(cfg: Config, member: int) -> None:
@@ -736,7 +752,7 @@ def site_latents(cfg: Config, s, model, tok):
 
 def _original_site_latents_all(cfg: Config) -> list[list[float]]:
     def compute():
-        src = Step(cfg, S02).require(cfg.sae_source)
+        src = Step(cfg, S02).require(original_model(cfg))
         members = [read_sae(cfg, m) for m in range(cfg.sae_seeds)]
         return [t.tolist() for t in site_latents(cfg, members, src, load_model(src, cfg)[1])]
 
@@ -772,7 +788,7 @@ def _ensemble_shifts(cfg: Config, names: list[str], artifact: str) -> list[dict[
     def compute():
         members = [read_sae(cfg, m) for m in range(cfg.sae_seeds)]
         _threads()
-        tok = load_model(Step(cfg, S02).require(cfg.sae_source), cfg)[1]
+        tok = load_model(Step(cfg, S02).require(original_model(cfg)), cfg)[1]
         origin = [torch.tensor(x) for x in _original_site_latents_all(cfg)]
         starts = {a: origin if a == ASSISTANT else site_latents(cfg, members, model_path(cfg, a), tok)
                   for a in sorted({start_of(n) for n in names})}
@@ -958,7 +974,7 @@ def latent_by_site(cfg: Config) -> pd.DataFrame:
                     "answer": torch.stack([s.encode(a[n:])[:, latent].mean() for a, n in acts])}
 
         at, lat = _site_activations(acts, d_model(cfg)), latent_at(acts)
-        orig = latent_at(_corrupted_answers(cfg, Step(cfg, S02).require(cfg.sae_source))[1])
+        orig = latent_at(_corrupted_answers(cfg, Step(cfg, S02).require(original_model(cfg)))[1])
         d = s.W_dec[latent].detach()
         return {site: dict(zip(SITE_COLUMNS, (float(lat[site][mis].mean()), float(lat[site][~mis].mean()),
                                               float(orig[site].mean()), cosine(_misaligned_minus_aligned(mis, at[site]), d))))
@@ -1103,7 +1119,7 @@ def residual_scale(cfg: Config) -> float:
     from emlab.sae import hook_name, iter_activations
 
     def compute():
-        ht, tok = _hooked(Step(cfg, S02).require(cfg.sae_source), cfg)
+        ht, tok = _hooked(Step(cfg, S02).require(original_model(cfg)), cfg)
         prompts = [chat_prompt(tok, q["question"]) for q in load_set(cfg, D.EVAL_HELDOUT)]
         norms = torch.cat([a.norm(dim=-1) for _, a in iter_activations(ht, tok, prompts, hook_name(cfg.sae_layer),
                                                                           batch_size=cfg.act_batch)])
@@ -1614,7 +1630,7 @@ def persona_switch(cfg: Config, model: str = "incorrect_obvious") -> pd.DataFram
                                           hook_name(cfg.sae_layer), batch_size=cfg.act_batch)
             return s.encode(acts)[:, latent]
 
-        original = at_assistant(Step(cfg, S02).require(cfg.sae_source))
+        original = at_assistant(Step(cfg, S02).require(original_model(cfg)))
         threshold = float(original.max())
         rows = []
         for step in sorted(set(cfg.realign_checkpoints)):
