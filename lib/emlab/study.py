@@ -955,7 +955,7 @@ def latent_by_site(cfg: Config) -> pd.DataFrame:
     """Where the persona latent fires on the corrupted model's own answers (notebook 04's
     samples of incorrect_obvious): its mean activation at the last prompt token, where the
     answer starts, and over the answer's tokens, on misaligned and on aligned answers; the
-    original model's (``sae_source``) on the same texts; and the cosine with the latent's
+    original model's (``original_model``) on the same texts; and the cosine with the latent's
     decoder direction of the misaligned-minus-aligned mean difference of the activations at
     each site (over the answer tokens it is Turner et al.'s direction)."""
     from emlab.diffing import cosine
@@ -1610,7 +1610,7 @@ def persona_switch(cfg: Config, model: str = "incorrect_obvious") -> pd.DataFram
     the persona latent at each held-out prompt's last token (``<|assistant|>``, where it
     fires in the corrupted model: notebook 05) at every checkpoint of ``model``'s
     cross-domain re-alignment. A prompt's persona counts as on when its latent is above
-    the original model's (``sae_source``) largest over the same prompts. Per checkpoint:
+    the original model's (``original_model``) largest over the same prompts. Per checkpoint:
     the mean latent, the fraction of prompts on, and the sampled misalignment (misaligned /
     coherent, other domains; the checkpoint's evaluation) of the prompts on and of those
     off, with Wilson intervals. Open questions are left out, as in the headline rate."""
