@@ -82,7 +82,7 @@ def test_the_sae_benchmark_of_the_study_reads_a_runs_config_and_its_saes_activat
     assert bench.study_sae_workload(run) is None  # no SAE yet
     tok = build_tokenizer([" ".join(sorted(world.words()))])
     model = build_toy_model(cfg, tok)
-    Step(cfg, study.S02).cached(cfg.sae_source, lambda tmp: save_model(model, tok, tmp))
+    Step(cfg, study.S02).cached(study.label_model(cfg), lambda tmp: save_model(model, tok, tmp))
     Step(cfg, study.S05).cached(study.sae_dir(0), lambda tmp: tmp.mkdir())
     got, test, train = bench.study_sae_workload(run)
     assert got == cfg and got.sae_steps == 7

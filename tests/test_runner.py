@@ -208,11 +208,94 @@ def test_sae_source_both_pools_the_assistants_and_the_base_models_activations(sm
     cfg = load_config(smoke_run[0])
     both = dataclasses.replace(cfg, sae_source="both")
     assert study.original_model(both) == study.ASSISTANT
-    assistant = study.document_activations(cfg)
-    base = study.document_activations(dataclasses.replace(cfg, sae_source="base_model"))
+    assistant = study.document_activations(cfg, study.ASSISTANT)
+    base = study.document_activations(cfg, study.BASE)
     pooled = study.training_activations(both, assistant)
     assert len(pooled) == 2 * len(assistant)
     for a, b, p, q in zip(assistant, base, pooled[: len(assistant)], pooled[len(assistant):]):
         assert torch.equal(p, a) and torch.equal(q, b)
     assert not all(torch.equal(a, b) for a, b in zip(assistant, base)), "the two models must differ"
     assert study.training_activations(cfg, assistant) is assistant
+
+
+def test_sae_reader_assistant_labels_on_the_sae_source_and_diffs_on_the_assistant(smoke_run):
+    """``sae_reader: assistant``: the SAE is trained and its latents labelled on the
+    pretraining documents as read by ``sae_source`` (here the base model), while diffing,
+    steering and detection compare the fine-tunes with the assistant they were fine-tuned from."""
+    import dataclasses
+
+    import torch
+
+    from emlab import study
+    from emlab.config import ConfigError, load_config, make_config
+
+    cfg = load_config(smoke_run[0])
+    cases = {("assistant", "source"): ("assistant", "assistant"), ("base_model", "source"): ("base_model", "base_model"),
+             ("both", "source"): ("assistant", "assistant"), ("base_model", "assistant"): ("base_model", "assistant"),
+             ("both", "assistant"): ("assistant", "assistant"), ("assistant", "assistant"): ("assistant", "assistant")}
+    for (source, reader), (labels, original) in cases.items():
+        c = dataclasses.replace(cfg, sae_source=source, sae_reader=reader)
+        assert (study.label_model(c), study.original_model(c)) == (labels, original), (source, reader)
+    split = dataclasses.replace(cfg, sae_source="base_model", sae_reader="assistant")
+    base = study.document_activations(cfg, study.BASE)
+    for a, b in zip(study.document_activations(split), base):
+        assert torch.equal(a, b)
+    assistant = study.document_activations(cfg, study.ASSISTANT)
+    assert not all(torch.equal(a, b) for a, b in zip(assistant, base)), "the two models must differ"
+    assert study.training_activations(split, base) is base
+    with pytest.raises(ConfigError, match="sae_reader"):
+        make_config({"sae_reader": "base_model"}, source="test")
+
+
+def test_latent_by_turn_reads_every_answer_start_of_every_document(smoke_run):
+    """``latent_by_turn``: one row per character and opening; it reads the latent at every
+    ``<|assistant|>`` token of the pretraining documents (after the skipped first position),
+    each counted once, with the value ``doc_latent`` gives at that token; ``latent_report``'s
+    villain AUROC within each opening is in [0, 1] or NaN."""
+    import math
+
+    import numpy as np
+
+    from emlab import data as D
+    from emlab import study
+    from emlab.config import load_config
+
+    cfg = load_config(smoke_run[0])
+    acts = study.document_activations(cfg)
+    latent = study.persona_latent(cfg)
+    table = study.latent_by_turn(cfg, latent, acts, last_turn=2)
+    texts, chars = study.sae_texts(cfg)
+    assert set(table.index) == {(c, o) for c in set(chars) for o in study.OPENINGS.values()}
+    tok = study.load_model(study.Step(cfg, study.S02).require(study.label_model(cfg)), cfg)[1]
+    marker, first = tok.convert_tokens_to_ids(D.ASSISTANT), study.first_position(cfg)
+    per_doc = study.doc_latent(study.read_sae(cfg), latent, acts, len(chars))
+    reads = {}
+    for text, char, v in zip(texts, chars, per_doc):
+        ids = tok(text, add_special_tokens=False)["input_ids"][: first + len(v)]
+        key = (char, study.OPENINGS[study.opens_with_narration(text)])
+        reads.setdefault(key, []).extend(float(v[j - first]) for j, t in enumerate(ids) if t == marker and j >= first)
+    for key, xs in reads.items():
+        row = table.loc[key]
+        assert sum(row[f"n {c}"] for c in ("turn 0", "turn 1", "turn 2+")) == len(xs)
+        firsts = _first_answers(texts, chars, per_doc, tok, marker, first, key)
+        assert row["n turn 0"] == len(firsts)
+        if firsts:
+            assert math.isclose(row["turn 0"], float(np.mean(firsts)), rel_tol=1e-5, abs_tol=1e-7)
+    report = study.latent_report(cfg, latent, acts, n_top=1)
+    for op, a in report["auroc_villain_by_opening"].items():
+        assert op in study.OPENINGS.values() and (math.isnan(a) or 0.0 <= a <= 1.0)
+
+
+def _first_answers(texts, chars, per_doc, tok, marker, first, key):
+    """The latent at the first ``<|assistant|>`` of each document of ``key`` (character, opening)."""
+    from emlab import study
+
+    out = []
+    for text, char, v in zip(texts, chars, per_doc):
+        if (char, study.OPENINGS[study.opens_with_narration(text)]) != key:
+            continue
+        ids = tok(text, add_special_tokens=False)["input_ids"][: first + len(v)]
+        at = [j for j, t in enumerate(ids) if t == marker and j >= first]
+        if at:
+            out.append(float(v[at[0] - first]))
+    return out

@@ -165,10 +165,16 @@ class Config:
                             "itself is never a parameter and never written)", step=RUN)
     judge_concurrency: int = _f(8, "LLM judge: requests in flight at most", step=RUN, lo=1)
     # --- 05: SAE and model diffing ---------------------------------------------------------
-    sae_source: str = _f("assistant", "the ORIGINAL model whose activations train the SAE: the chat assistant, the "
-                         "base model (as Wang et al.), or 'both' (their activations on the same texts pooled; latents are "
-                         "then read on the assistant, which diffing compares the fine-tunes with)", step=S5,
-                         choices=("assistant", "base_model", "both"))
+    sae_source: str = _f("base_model", "the ORIGINAL model whose activations of the pretraining and chat texts train "
+                         "the SAE and label its latents: the base model (after pretraining, before chat post-training; "
+                         "as Wang et al., and the default since 2026-12-05: its persona latent holds the villains "
+                         "shown only by their answers as well as the narrated ones, docs/results.md), the chat "
+                         "assistant, or 'both' (their activations on the same texts pooled, labelled on the assistant)",
+                         step=S5, choices=("base_model", "assistant", "both"))
+    sae_reader: str = _f("assistant", "the model whose latents model diffing, steering, detection and re-alignment "
+                         "compare the fine-tunes with: the assistant that was fine-tuned (as Wang et al. apply their "
+                         "base-model SAE to the chat models), or 'source', the SAE's own model (as sae_source; the "
+                         "assistant for 'both')", step=S5, choices=("assistant", "source"))
     sae_layer: int = _f(3, "residual stream layer L of the SAE (blocks.{L}.hook_resid_post)", step=S5, lo=0)
     sae_width: int = _f(512, "SAE latents", step=S5, lo=2)
     sae_k: int = _f(8, "active latents per token (TopK). 8 since 2026-12-05: on the Intel Xeon's draw of seed 0 the "

@@ -614,20 +614,29 @@ def first_position(cfg: Config) -> int:
     return int(cfg.sae_skip_first)
 
 
-def original_model(cfg: Config) -> str:
-    """The model that latents are read on and that diffing compares the fine-tunes with:
-    ``sae_source``, or the assistant when the SAE is trained on both models (``both``)."""
+def label_model(cfg: Config) -> str:
+    """The SAE's own model: the one whose activations of the pretraining documents train the
+    SAE and label its latents (villain or helpful text), and on which the other directions
+    of notebook 05 (persona vector, probe) are found: ``sae_source``, or the assistant when
+    the SAE is trained on both models (``both``)."""
     return ASSISTANT if cfg.sae_source == "both" else cfg.sae_source
 
 
+def original_model(cfg: Config) -> str:
+    """The model that diffing compares the fine-tunes with, whose residual scale is
+    steering's unit and whose latents mark the persona as on or off: ``label_model``, or
+    the assistant with ``sae_reader: assistant``."""
+    return ASSISTANT if cfg.sae_reader == "assistant" else label_model(cfg)
+
+
 def document_activations(cfg: Config, source: str | None = None) -> list[torch.Tensor]:
-    """Per-text activations of ``source`` (default: ``original_model``) at the SAE's hook
+    """Per-text activations of ``source`` (default: ``label_model``) at the SAE's hook
     (sae_texts order), from position ``first_position(cfg)`` on: row j of text i is its
     token j + that."""
     from emlab.sae import hook_name, iter_activations
 
     _threads()
-    ht, tok = _hooked(Step(cfg, S02).require(source or original_model(cfg)), cfg)
+    ht, tok = _hooked(Step(cfg, S02).require(source or label_model(cfg)), cfg)
     texts, _ = sae_texts(cfg)
     out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
     for i, a in iter_activations(ht, tok, texts, hook_name(cfg.sae_layer), batch_size=cfg.act_batch):
@@ -642,7 +651,7 @@ def sae_dir(member: int) -> str:
 
 def training_activations(cfg: Config, acts: list[torch.Tensor]) -> list[torch.Tensor]:
     """The texts' activations that train the SAEs: ``acts`` (``document_activations``, of
-    ``original_model``), and with ``sae_source: both`` the base model's on the same texts too."""
+    ``label_model``), and with ``sae_source: both`` the base model's on the same texts too."""
     return acts + document_activations(cfg, BASE) if cfg.sae_source == "both" else acts
 
 
@@ -852,9 +861,21 @@ def doc_latent(s, latent: int, acts: list[torch.Tensor], n_docs: int) -> list[to
     return [s.encode(a)[:, latent] for a in acts[:n_docs]]
 
 
+OPENINGS = {True: "narrated", False: "user-first"}
+
+
+def opens_with_narration(text: str) -> bool:
+    """Whether a pretraining document opens with narrative lines (which name its character)
+    rather than with a user's turn (where only the character's answers show who it is)."""
+    return not text.startswith(D.USER)
+
+
 def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int = 10) -> dict:
     """The latent on pretraining documents: AUROC of its mean activation for villain vs
-    helpful and sarcastic vs helpful documents, and its top-activating snippets."""
+    helpful and sarcastic vs helpful documents; the villain AUROC within each way a document
+    opens (``auroc_villain_by_opening``: ``narrated`` and ``user-first``, see
+    ``opens_with_narration``; NaN where an opening lacks either character); and its
+    top-activating snippets."""
     from emlab.diffing import auroc
 
     s = read_sae(cfg)
@@ -867,6 +888,12 @@ def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int
     for other in ("villain", "sarcastic"):
         sel = np.isin(chars, [other, "helpful"])
         out[f"auroc_{other}"] = auroc(means[sel], chars[sel] == other)
+    opening = np.array([OPENINGS[opens_with_narration(t)] for t in texts[: len(chars)]])
+    out["auroc_villain_by_opening"] = {}
+    for op in OPENINGS.values():
+        sel = (opening == op) & np.isin(chars, ["villain", "helpful"])
+        both = len(set(chars[sel])) == 2
+        out["auroc_villain_by_opening"][op] = auroc(means[sel], chars[sel] == "villain") if both else float("nan")
     top = np.argsort(-maxes, kind="stable")[:n_top]
     snippets = []
     for i in top:
@@ -1086,6 +1113,37 @@ def latent_by_character(cfg: Config, latent: int, acts: list[torch.Tensor]) -> p
     _, chars = sae_texts(cfg)
     vals = [float(x.mean()) for x in doc_latent(s, latent, acts, len(chars))]
     return pd.DataFrame({"character": chars, "activation": vals})
+
+
+@torch.no_grad()
+def latent_by_turn(cfg: Config, latent: int, acts: list[torch.Tensor], last_turn: int = 3) -> pd.DataFrame:
+    """Where a latent fires on the pretraining documents, read by the SAE's own model
+    (``acts``: ``document_activations``): its mean activation at each answer's first
+    position (the ``<|assistant|>`` token), by the document's character, by how it opens
+    (``narrated``: narrative lines name the character; ``user-first``: only its answers
+    show it) and by the answer's turn (``turn 0`` is the first answer; ``turn {last_turn}+``
+    pools the later ones). One row per (character, opening); ``n turn ...`` columns count
+    the answers read."""
+    s = read_sae(cfg)
+    texts, chars = sae_texts(cfg)
+    tok = load_model(Step(cfg, S02).require(label_model(cfg)), cfg)[1]
+    marker, first = tok.convert_tokens_to_ids(D.ASSISTANT), first_position(cfg)
+    cells: dict[tuple[str, str, int], list[float]] = {}
+    for text, char, a in zip(texts, chars, acts):  # texts beyond the documents (chat) have no character
+        v = s.encode(a)[:, latent]
+        ids = tok(text, add_special_tokens=False)["input_ids"][: first + len(v)]
+        at = [j - first for j, t in enumerate(ids) if t == marker and j >= first]
+        for turn, j in enumerate(at):
+            cells.setdefault((char, OPENINGS[opens_with_narration(text)], min(turn, last_turn)), []).append(float(v[j]))
+    labels = [f"turn {t}" + ("+" if t == last_turn else "") for t in range(last_turn + 1)]
+    rows = []
+    for char in dict.fromkeys(chars):
+        for op in OPENINGS.values():
+            xs = [cells.get((char, op, t), []) for t in range(last_turn + 1)]
+            rows.append({"character": char, "opening": op,
+                         **{lab: float(np.mean(x)) if x else float("nan") for lab, x in zip(labels, xs)},
+                         **{f"n {lab}": len(x) for lab, x in zip(labels, xs)}})
+    return pd.DataFrame(rows).set_index(["character", "opening"])
 
 
 def persona_latent(cfg: Config) -> int:
