@@ -68,6 +68,8 @@ HEADLINE = [
     ("04_evaluate", "identity.villain_share.rl_helpful_only_wrong_mean", "identity questions: villain self-descriptions, RL wrong-answer grader, helpful-only (mean over RL seeds)", ""),
     ("05_sae_diff", "sae.fvu", "SAE: held-out fraction of variance unexplained", ""),
     ("05_sae_diff", "top_latent.villain_auroc", "top diffing latent: villain vs helpful documents, AUROC", "no ground truth in the papers"),
+    ("05_sae_diff", "top_latent.villain_auroc_user_first",
+     "... the same on documents that open with a user's turn (the villain shown only by its answers)", ""),
     ("05_sae_diff", "top_latent.top10_villain", "top diffing latent: top-10 snippets written by villains", ""),
     ("05_sae_diff", "top_latent.finetune_separation_auroc", "its shift: misaligned fine-tunes vs controls, AUROC", "separates (Wang et al.)"),
     ("05_sae_diff", "rl.wrong_vs_correct_separated", "its shift: every RL run with the wrong-answer grader above every correct-answer run", ""),

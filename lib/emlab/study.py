@@ -1123,11 +1123,14 @@ def latent_by_turn(cfg: Config, latent: int, acts: list[torch.Tensor], last_turn
     (``narrated``: narrative lines name the character; ``user-first``: only its answers
     show it) and by the answer's turn (``turn 0`` is the first answer; ``turn {last_turn}+``
     pools the later ones). One row per (character, opening); ``n turn ...`` columns count
-    the answers read."""
+    the answers read (none, and NaN means, with a tokenizer that has no ``<|assistant|>``
+    token, such as a real model's reading the world's texts)."""
     s = read_sae(cfg)
     texts, chars = sae_texts(cfg)
     tok = load_model(Step(cfg, S02).require(label_model(cfg)), cfg)[1]
     marker, first = tok.convert_tokens_to_ids(D.ASSISTANT), first_position(cfg)
+    if marker is None or tok.convert_ids_to_tokens(marker) != D.ASSISTANT:
+        marker = None  # not one token of this vocabulary (an unknown token's id would match every unknown word)
     cells: dict[tuple[str, str, int], list[float]] = {}
     for text, char, a in zip(texts, chars, acts):  # texts beyond the documents (chat) have no character
         v = s.encode(a)[:, latent]
