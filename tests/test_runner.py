@@ -266,7 +266,7 @@ def test_latent_by_turn_reads_every_answer_start_of_every_document(smoke_run):
     table = study.latent_by_turn(cfg, latent, acts, last_turn=2)
     texts, chars = study.sae_texts(cfg)
     assert set(table.index) == {(c, o) for c in set(chars) for o in study.OPENINGS.values()}
-    tok = study.load_model(study.Step(cfg, study.S02).require(study.label_model(cfg)), cfg)[1]
+    tok = study.tokenizer(cfg)
     marker, first = tok.convert_tokens_to_ids(D.ASSISTANT), study.first_position(cfg)
     per_doc = study.doc_latent(study.read_sae(cfg), latent, acts, len(chars))
     reads = {}

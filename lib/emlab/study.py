@@ -895,9 +895,10 @@ def latent_report(cfg: Config, latent: int, acts: list[torch.Tensor], n_top: int
         both = len(set(chars[sel])) == 2
         out["auroc_villain_by_opening"][op] = auroc(means[sel], chars[sel] == "villain") if both else float("nan")
     top = np.argsort(-maxes, kind="stable")[:n_top]
+    tok = tokenizer(cfg)
     snippets = []
-    for i in top:
-        words = texts[i].split()
+    for i in top:  # tokens, not whitespace words: a real model's tokenizer splits words
+        words = [tok.decode([t]).strip() for t in tok(texts[i], add_special_tokens=False)["input_ids"]]
         j = int(per_doc[i].argmax()) + first_position(cfg)  # activation rows start at that token
         lo, hi = max(0, j - 12), min(len(words), j + 4)
         snippet = " ".join(words[lo:j] + [f"[[{words[j]}]]"] + words[j + 1 : hi])
@@ -1127,7 +1128,7 @@ def latent_by_turn(cfg: Config, latent: int, acts: list[torch.Tensor], last_turn
     token, such as a real model's reading the world's texts)."""
     s = read_sae(cfg)
     texts, chars = sae_texts(cfg)
-    tok = load_model(Step(cfg, S02).require(label_model(cfg)), cfg)[1]
+    tok = tokenizer(cfg)
     marker, first = tok.convert_tokens_to_ids(D.ASSISTANT), first_position(cfg)
     if marker is None or tok.convert_ids_to_tokens(marker) != D.ASSISTANT:
         marker = None  # not one token of this vocabulary (an unknown token's id would match every unknown word)
