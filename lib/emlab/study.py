@@ -1116,7 +1116,6 @@ def latent_by_character(cfg: Config, latent: int, acts: list[torch.Tensor]) -> p
     return pd.DataFrame({"character": chars, "activation": vals})
 
 
-@torch.no_grad()
 def latent_by_turn(cfg: Config, latent: int, acts: list[torch.Tensor], last_turn: int = 3) -> pd.DataFrame:
     """Where a latent fires on the pretraining documents, read by the SAE's own model
     (``acts``: ``document_activations``): its mean activation at each answer's first
@@ -1133,8 +1132,7 @@ def latent_by_turn(cfg: Config, latent: int, acts: list[torch.Tensor], last_turn
     if marker is None or tok.convert_ids_to_tokens(marker) != D.ASSISTANT:
         marker = None  # not one token of this vocabulary (an unknown token's id would match every unknown word)
     cells: dict[tuple[str, str, int], list[float]] = {}
-    for text, char, a in zip(texts, chars, acts):  # texts beyond the documents (chat) have no character
-        v = s.encode(a)[:, latent]
+    for text, char, v in zip(texts, chars, doc_latent(s, latent, acts, len(chars))):
         ids = tok(text, add_special_tokens=False)["input_ids"][: first + len(v)]
         at = [j - first for j, t in enumerate(ids) if t == marker and j >= first]
         for turn, j in enumerate(at):
