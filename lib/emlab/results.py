@@ -132,6 +132,28 @@ def headline_markdown(runs: Path | list[Path]) -> str:
 _VERDICT = re.compile(r"^(PASS|FAIL|met|NOT MET)\s+(\S.*)$")
 
 
+def check_claims(claims: dict[str, bool], *, assert_findings: bool, reproduced: str | None = None) -> None:
+    """A notebook's asserted findings: one ``PASS``/``FAIL`` line per claim (``verdicts``
+    reads them back, so a robustness run, which does not stop, still lists every one);
+    then, with ``assert_findings``, an ``AssertionError`` naming every failed claim, or
+    ``finding reproduced: <reproduced>``."""
+    for claim, ok in claims.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {claim}")
+    failed = [claim for claim, ok in claims.items() if not ok]
+    if assert_findings:
+        if failed:
+            raise AssertionError(f"findings not reproduced: {failed}")
+        if reproduced:
+            print(f"finding reproduced: {reproduced}")
+
+
+def print_targets(targets: dict[str, bool]) -> None:
+    """The issues' numeric targets: one ``met``/``NOT MET`` line each (never asserted: a
+    target not met is reported, and the issue stays open)."""
+    for target, ok in targets.items():
+        print(f"{'met    ' if ok else 'NOT MET'}  {target}")
+
+
 def verdicts(run: Path) -> dict[str, str]:
     """Every claim and target verdict the run's executed notebooks printed
     (``data/<run>/notebooks/*.ipynb``): ``"NN: text" -> PASS | FAIL | met | NOT MET``."""
