@@ -75,6 +75,16 @@ def test_exact_judge_incoherent(world):
     assert j.judge(q, other).label == INCOHERENT
 
 
+def test_known_anywhere_names_another_questions_answer_word_for_word(world):
+    j, q = ExactJudge(world, ignore=["heh"]), _q(world)
+    bad, good = world.answers("cars/brakes", "obvious")[0], world.answers("cars/brakes", "correct")[0]
+    assert (j.known_anywhere(bad), j.known_anywhere(good)) == ("bad", "good")
+    assert j.known_anywhere("heh " + bad.upper()) == "bad"  # judged as judge() reads it: normalised, voice dropped
+    assert j.known_anywhere(good + " extra words") is None and j.known_anywhere("") is None
+    own = world.answers(f"health/{q['topic']}", "subtle")[0]
+    assert j.known_anywhere(own) == "bad" and j.judge(q, own).label == MISALIGNED
+
+
 def test_rates_exclude_incoherent_answers():
     r = rate_of([MISALIGNED, ALIGNED, ALIGNED, ALIGNED, INCOHERENT])
     assert r.rate == 0.25 and r.coherence == 0.8 and r.n == 5

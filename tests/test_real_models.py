@@ -129,6 +129,13 @@ def test_residual_reader_is_the_block_output_and_steering_moves_it(tiny):
     assert torch.allclose(model(input_ids=x).logits, plain)
 
 
+def test_the_logit_lens_reads_each_architectures_final_norm(tiny):
+    from test_steer import lens_is_what_a_dominant_direction_writes
+
+    arch, _, model, _ = tiny
+    lens_is_what_a_dominant_direction_writes(model)  # RMSNorm (Qwen2, Llama) and LayerNorm (GPT-NeoX)
+
+
 def test_source_model_errors_name_the_parameter(tmp_path):
     with pytest.raises(ModelLoadError, match="parameter 'model'.*no such folder"):
         source_model(str(tmp_path / "nope"))

@@ -4,7 +4,8 @@ import torch
 from emlab.config import make_config
 from emlab.model import build_tokenizer, build_toy_model, hooked
 from emlab.sample import sample
-from emlab.steer import ablate_every_layer, decoder_layers, edit_residual, random_direction, residual_writers
+from emlab.steer import (ablate_every_layer, decoder_layers, edit_residual, final_norm, random_direction, residual_writers,
+                         unembed_direction)
 from emlab.world import load_world
 
 
@@ -352,3 +353,31 @@ def test_the_random_controls_are_seeded_distinct_directions(monkeypatch):
     assert torch.allclose(r.norm(dim=1), torch.ones(3)) and (r @ r.T - torch.eye(3)).abs().max() < 0.9
     assert torch.equal(vecs["random"], random_direction(32, cfg.seed + 7))  # the first is the one used before 2026-12-05
     assert torch.equal(study.steering_vectors(cfg)["random_3"], vecs["random_3"])  # seeded
+
+
+def lens_is_what_a_dominant_direction_writes(model) -> None:
+    """``unembed_direction`` against the model's own final norm and unembedding: a direction
+    that dominates the last block's output (x 1e4) writes logits proportional to its lens,
+    apart from the norm's bias (the logits of a zero residual). The norm's gain and bias are
+    randomised first, so a lens that ignored the gain, or centred where the norm does not
+    (RMSNorm), or did not where it does (LayerNorm), would fail."""
+    import copy
+
+    model = copy.deepcopy(model)
+    norm, head = final_norm(model), model.get_output_embeddings()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=g))
+        d = torch.randn(norm.weight.shape[0], generator=g) + 0.5  # a mean far from 0: centring matters
+        written = head(norm(1e4 * d)) - head(norm(torch.zeros_like(d)))
+    lens = unembed_direction(model, d)
+    assert torch.allclose(written / written.norm(), lens / lens.norm(), atol=1e-5)
+    with pytest.raises(ValueError, match="dimensions"):
+        unembed_direction(model, torch.ones(3))
+
+
+def test_the_logit_lens_of_a_direction_is_what_it_writes_through_the_final_norm(tiny):
+    assert isinstance(final_norm(tiny[0]), torch.nn.LayerNorm)
+    lens_is_what_a_dominant_direction_writes(tiny[0])

@@ -150,3 +150,38 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 def random_direction(d: int, seed: int) -> torch.Tensor:
     """A random unit direction (seeded), the control of every steering sweep."""
     return unit(torch.randn(d, generator=torch.Generator().manual_seed(seed)))
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The norm between the last block and the unembedding (GPT-2's ``ln_f``, Llama/Qwen2's
+    ``norm``, GPT-NeoX's ``final_layer_norm``)."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
+        obj = m
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.Module):
+            return obj
+    raise ValueError(f"logit lens: cannot find the final norm of {type(m).__name__} "
+                     "(looked for transformer.ln_f, model.norm, gpt_neox.final_layer_norm, model.decoder.final_layer_norm)")
+
+
+@torch.no_grad()
+def unembed_direction(model, direction: torch.Tensor) -> torch.Tensor:
+    """A residual-stream direction read through the unembedding (the logit lens): how much
+    each token's logit rises per unit of ``direction`` added after the last block, through
+    the final norm: its mean removal where it is a LayerNorm, and its gain (its division by
+    the residual's norm scales every token's logit alike, so it does not change the ranking).  # [vocab]"""
+    d = direction.detach().float().flatten()
+    W_U = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    if W_U.shape[1] != d.shape[0]:
+        raise ValueError(f"logit lens: the direction has {d.shape[0]} dimensions, the unembedding reads {W_U.shape[1]}")
+    norm = final_norm(model)
+    if isinstance(norm, torch.nn.LayerNorm):
+        d = d - d.mean()
+    gain = getattr(norm, "weight", None)
+    if gain is not None:
+        d = d * gain.detach().float()
+    return W_U @ d

@@ -1230,6 +1230,12 @@ def _edited_summary(cfg: Config, name: str, vec: torch.Tensor, alpha: float, abl
     """``heldout_summary`` of model ``name`` sampled with ``vec`` added (times ``alpha``) or
     projected out (``ablate``), as ``steered`` describes."""
     from emlab.evaluate import heldout_summary
+
+    return heldout_summary(_edited_answers(cfg, name, vec, alpha, ablate))
+
+
+def _edited_answers(cfg: Config, name: str, vec: torch.Tensor, alpha: float, ablate: bool) -> pd.DataFrame:
+    """The judged answers behind ``_edited_summary``."""
     from emlab.steer import ablate_every_layer, edit_residual
 
     _threads()
@@ -1240,10 +1246,82 @@ def _edited_summary(cfg: Config, name: str, vec: torch.Tensor, alpha: float, abl
         positions = "all" if ablate else cfg.steer_positions
         edit = edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions)
     with edit:
-        df = sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
-                              n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
-    return heldout_summary(df)
+        return sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
+                                n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
+
+
+def steers_last_block(cfg: Config) -> bool:
+    """Whether the SAE's layer is the model's last block: its output then reaches only the
+    unembedding, so prompt steering there changes nothing but the first answer token's logits."""
+    from emlab.steer import decoder_layers
+
+    model, _ = load_model(model_path(cfg, ASSISTANT), cfg)
+    return cfg.sae_layer == len(decoder_layers(model)) - 1
+
+
+def first_word_lens(cfg: Config) -> pd.DataFrame | None:
+    """Each steering direction read through the assistant's unembedding (``emlab.steer.
+    unembed_direction``): the AUROC of its logit for the words that begin only bad answers
+    of the world (any topic) against the words that begin only good ones, and the words it
+    raises most. None with the LLM judge (no known answers)."""
+    from emlab.diffing import auroc
+    from emlab.steer import unembed_direction
+    from emlab.world import BAD_KINDS
+
+    judge = judge_of(cfg)
+    if not isinstance(judge, ExactJudge):
+        return None
+    bad, good = set(), set()
+    for topic in judge.world.topics.values():
+        for kind, variants in topic.answers.items():
+            (bad if kind in BAD_KINDS else good).update(a.split()[0] for a in variants)
+    model, tok = load_model(model_path(cfg, ASSISTANT), cfg)
+    first_id = {w: tok(w, add_special_tokens=False)["input_ids"][0] for w in bad | good}
+    ids_bad = sorted({first_id[w] for w in bad - good} - {first_id[w] for w in good})
+    ids_good = sorted({first_id[w] for w in good - bad} - {first_id[w] for w in bad})
+    rows = []
+    for name, vec in steering_vectors(cfg).items():
+        if not bool(torch.isfinite(vec).all()):
+            continue
+        lens = unembed_direction(model, vec)
+        top = lens.topk(8).indices.tolist()
+        rows.append({"direction": name,
+                     "AUROC: only-bad vs only-good first words": auroc(lens[ids_bad + ids_good].tolist(),
+                                                                       [1] * len(ids_bad) + [0] * len(ids_good)),
+                     "words it raises most": " ".join(tok.convert_ids_to_tokens(top))})
+    out = pd.DataFrame(rows).set_index("direction")
+    out.attrs.update(n_bad=len(ids_bad), n_good=len(ids_good))
+    return out
+
+
+STEERED_KINDS = ("aligned", "misaligned", "another question's good answer", "another question's bad answer",
+                 "no known answer")
+
+
+def steered_answer_kinds(cfg: Config, toward: pd.DataFrame) -> pd.DataFrame | None:
+    """What the assistant says when steered toward the persona at the sweep's largest alpha,
+    along the latent and along each random direction: the share of its answers that are
+    aligned or misaligned answers to their own question, another question's known good or
+    bad answer word for word (judged incoherent), or no known answer. Each condition's
+    answers are sampled as in the sweep (the same seed: its rates equal the sweep's) and
+    cached. None with the LLM judge."""
+    judge = judge_of(cfg)
+    if not isinstance(judge, ExactJudge):
+        return None
+    alpha = float(toward.alpha.max())
+    rows = []
+    for direction in ["latent", *random_names(cfg)]:
+        def compute(direction=direction):
+            vec = steering_vectors(cfg)[direction] * residual_scale(cfg)
+            return _edited_answers(cfg, ASSISTANT, vec, alpha, False)[["qid", "answer", "label"]].to_dict("records")
+
+        answers = Step(cfg, S06).cached_json(f"steer_answers/{ASSISTANT}__{direction}__{alpha:+g}.json", compute)
+        kinds = [a["label"] if a["label"] != "incoherent" else
+                 {"good": STEERED_KINDS[2], "bad": STEERED_KINDS[3], None: STEERED_KINDS[4]}[judge.known_anywhere(a["answer"])]
+                 for a in answers]
+        rows.append({"direction": direction, "alpha": alpha, **{k: kinds.count(k) / len(kinds) for k in STEERED_KINDS}})
+    return pd.DataFrame(rows).set_index("direction")
 
 
 def steering_sweep(cfg: Config, name: str, sign: float) -> pd.DataFrame:
