@@ -29,19 +29,24 @@ import torch
 POSITIONS = ("all", "prompt", "answer")
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The list of decoder blocks of a causal LM (GPT-2, Llama/Qwen2, GPT-NeoX, or peft-wrapped)."""
+def _submodule(model, paths: tuple[str, ...], kind: type, what: str) -> torch.nn.Module:
+    """The first of the dotted ``paths`` that is a ``kind`` in ``model`` (peft-wrapped or not)."""
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers"):
+    for path in paths:
         obj = m
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, torch.nn.ModuleList):
+        if isinstance(obj, kind):
             return obj
-    raise ValueError(f"steering: cannot find the decoder blocks of {type(m).__name__} "
-                     "(looked for transformer.h, model.layers, gpt_neox.layers, model.decoder.layers)")
+    raise ValueError(f"cannot find the {what} of {type(m).__name__} (looked for {', '.join(paths)})")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a causal LM (GPT-2, Llama/Qwen2, GPT-NeoX, or peft-wrapped)."""
+    return _submodule(model, ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers"),
+                      torch.nn.ModuleList, "decoder blocks")
 
 
 def _mask(n_pos: int, positions: str) -> slice | None:
@@ -155,17 +160,8 @@ def random_direction(d: int, seed: int) -> torch.Tensor:
 def final_norm(model) -> torch.nn.Module:
     """The norm between the last block and the unembedding (GPT-2's ``ln_f``, Llama/Qwen2's
     ``norm``, GPT-NeoX's ``final_layer_norm``)."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
-        obj = m
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.Module):
-            return obj
-    raise ValueError(f"logit lens: cannot find the final norm of {type(m).__name__} "
-                     "(looked for transformer.ln_f, model.norm, gpt_neox.final_layer_norm, model.decoder.final_layer_norm)")
+    return _submodule(model, ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
+                              "model.decoder.final_layer_norm"), torch.nn.Module, "final norm")
 
 
 @torch.no_grad()
