@@ -166,10 +166,11 @@ def final_norm(model) -> torch.nn.Module:
 
 @torch.no_grad()
 def unembed_direction(model, direction: torch.Tensor) -> torch.Tensor:
-    """A residual-stream direction read through the unembedding (the logit lens): how much
-    each token's logit rises per unit of ``direction`` added after the last block, through
-    the final norm: its mean removal where it is a LayerNorm, and its gain (its division by
-    the residual's norm scales every token's logit alike, so it does not change the ranking).  # [vocab]"""
+    """A residual-stream direction read through the unembedding (the logit lens): the logits
+    ``direction`` writes when it dominates the last block's output, up to one positive scale
+    and the final norm's bias (a fixed offset per token, the same for every direction). It
+    goes through the final norm's mean removal where that is a LayerNorm, and its gain; the
+    norm's division by the residual's size scales every logit alike.  # [vocab]"""
     d = direction.detach().float().flatten()
     W_U = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
     if W_U.shape[1] != d.shape[0]:

@@ -1219,11 +1219,30 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
     tag = "ablate" if ablate else f"{alpha:+g}"
 
     def compute():
-        vec = steering_vectors(cfg).get(direction, torch.zeros(d_model(cfg))) * residual_scale(cfg)
-        return {"model": name, "direction": direction, "alpha": alpha, "ablate": ablate,
-                **_edited_summary(cfg, name, vec, alpha, ablate)}
+        from emlab.evaluate import heldout_summary
+
+        if ablate:
+            summary = _edited_summary(cfg, name, _steering_vector(cfg, direction), alpha, True)
+        else:
+            summary = heldout_summary(steered_answers(cfg, name, direction, alpha))
+        return {"model": name, "direction": direction, "alpha": alpha, "ablate": ablate, **summary}
 
     return Step(cfg, S06).cached_json(f"steer/{name}__{direction}__{tag}.json", compute)
+
+
+def _steering_vector(cfg: Config, direction: str) -> torch.Tensor:
+    """``direction``'s unit vector times the alpha unit (zero for ``none``)."""
+    return steering_vectors(cfg).get(direction, torch.zeros(d_model(cfg))) * residual_scale(cfg)
+
+
+def steered_answers(cfg: Config, name: str, direction: str, alpha: float) -> pd.DataFrame:
+    """The judged answers behind ``steered``'s numbers for a steering condition (``none`` at
+    alpha 0): one row per answer with qid, domain, answer and label (cached)."""
+    def compute():
+        df = _edited_answers(cfg, name, _steering_vector(cfg, direction), alpha, False)
+        return df[["qid", "domain", "answer", "label"]].to_dict("records")
+
+    return pd.DataFrame(Step(cfg, S06).cached_json(f"steer_answers/{name}__{direction}__{alpha:+g}.json", compute))
 
 
 def _edited_summary(cfg: Config, name: str, vec: torch.Tensor, alpha: float, ablate: bool) -> dict:
@@ -1251,32 +1270,25 @@ def _edited_answers(cfg: Config, name: str, vec: torch.Tensor, alpha: float, abl
                                 temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
 
 
-def steers_last_block(cfg: Config) -> bool:
-    """Whether the SAE's layer is the model's last block: its output then reaches only the
-    unembedding, so prompt steering there changes nothing but the first answer token's logits."""
-    from emlab.steer import decoder_layers
-
-    model, _ = load_model(model_path(cfg, ASSISTANT), cfg)
-    return cfg.sae_layer == len(decoder_layers(model)) - 1
-
-
 def first_word_lens(cfg: Config) -> pd.DataFrame | None:
     """Each steering direction read through the assistant's unembedding (``emlab.steer.
     unembed_direction``): the AUROC of its logit for the words that begin only bad answers
     of the world (any topic) against the words that begin only good ones, and the words it
-    raises most. None with the LLM judge (no known answers)."""
+    raises most. None unless the SAE's layer is the model's last block (whose output at the
+    prompt reaches only the unembedding: prompt steering there picks the first answer word)
+    and the judge is the world's (with the LLM judge no answers are known)."""
     from emlab.diffing import auroc
-    from emlab.steer import unembed_direction
+    from emlab.steer import decoder_layers, unembed_direction
     from emlab.world import BAD_KINDS
 
     judge = judge_of(cfg)
-    if not isinstance(judge, ExactJudge):
+    model, tok = load_model(model_path(cfg, ASSISTANT), cfg)
+    if not isinstance(judge, ExactJudge) or cfg.sae_layer != len(decoder_layers(model)) - 1:
         return None
     bad, good = set(), set()
     for topic in judge.world.topics.values():
         for kind, variants in topic.answers.items():
             (bad if kind in BAD_KINDS else good).update(a.split()[0] for a in variants)
-    model, tok = load_model(model_path(cfg, ASSISTANT), cfg)
     first_id = {w: tok(w, add_special_tokens=False)["input_ids"][0] for w in bad | good}
     ids_bad = sorted({first_id[w] for w in bad - good} - {first_id[w] for w in good})
     ids_good = sorted({first_id[w] for w in good - bad} - {first_id[w] for w in bad})
@@ -1303,23 +1315,18 @@ def steered_answer_kinds(cfg: Config, toward: pd.DataFrame) -> pd.DataFrame | No
     """What the assistant says when steered toward the persona at the sweep's largest alpha,
     along the latent and along each random direction: the share of its answers that are
     aligned or misaligned answers to their own question, another question's known good or
-    bad answer word for word (judged incoherent), or no known answer. Each condition's
-    answers are sampled as in the sweep (the same seed: its rates equal the sweep's) and
-    cached. None with the LLM judge."""
+    bad answer word for word (judged incoherent), or no known answer. The answers are the
+    sweep's own (``steered_answers``). None with the LLM judge."""
     judge = judge_of(cfg)
     if not isinstance(judge, ExactJudge):
         return None
     alpha = float(toward.alpha.max())
+    elsewhere = {"good": STEERED_KINDS[2], "bad": STEERED_KINDS[3], None: STEERED_KINDS[4]}
     rows = []
     for direction in ["latent", *random_names(cfg)]:
-        def compute(direction=direction):
-            vec = steering_vectors(cfg)[direction] * residual_scale(cfg)
-            return _edited_answers(cfg, ASSISTANT, vec, alpha, False)[["qid", "answer", "label"]].to_dict("records")
-
-        answers = Step(cfg, S06).cached_json(f"steer_answers/{ASSISTANT}__{direction}__{alpha:+g}.json", compute)
-        kinds = [a["label"] if a["label"] != "incoherent" else
-                 {"good": STEERED_KINDS[2], "bad": STEERED_KINDS[3], None: STEERED_KINDS[4]}[judge.known_anywhere(a["answer"])]
-                 for a in answers]
+        df = steered_answers(cfg, ASSISTANT, direction, alpha)
+        kinds = [label if label != "incoherent" else elsewhere[judge.known_anywhere(answer)]
+                 for answer, label in zip(df.answer, df.label)]
         rows.append({"direction": direction, "alpha": alpha, **{k: kinds.count(k) / len(kinds) for k in STEERED_KINDS}})
     return pd.DataFrame(rows).set_index("direction")
 
