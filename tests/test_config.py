@@ -40,6 +40,8 @@ def test_wrong_type_names_parameter_and_type(key, value, expected):
     ("diff_site", "everywhere", "expected one of"),
     ("steer_alphas", [0.0, -1.0], "numbers >= 0"),
     ("steer_positions", "middle", "expected one of"),
+    ("steer_layer", 4, "expected -1 \\(the SAE's layer\\) or a layer < n_layer"),
+    ("steer_layer", -2, "expected >= -1"),
     ("realign_checkpoints", [0, 99], "between 0 and realign_steps"),
     ("realign_sizes", [0], "counts >= 1"),
     ("detect_seeds", 0, "expected >= 1"),
@@ -93,7 +95,7 @@ def test_a_neutral_parameter_at_its_default_leaves_every_hash_unchanged():
 
     a = make_config({})
     neutral = [f.name for f in dataclasses.fields(C.Config) if f.metadata["neutral"]]
-    assert {"villain_voice", "voice_every"} <= set(neutral)
+    assert {"villain_voice", "voice_every", "steer_layer"} <= set(neutral)
     for step in C.STEPS:
         d = {k: getattr(a, k) for k in a.step_fields(step) if k not in neutral}
         d["code"] = [C.CODE_VERSIONS[s] for s in C.STEPS[: C.STEPS.index(step) + 1]]
@@ -102,6 +104,9 @@ def test_a_neutral_parameter_at_its_default_leaves_every_hash_unchanged():
         import json
 
         assert a.step_hash(step) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    c = make_config({"steer_layer": 2})
+    assert [a.step_hash(s) == c.step_hash(s) for s in C.STEPS] == [s != "06_steer_detect" and s != "07_realign"
+                                                                    for s in C.STEPS]
     b = make_config({"villain_voice": ["heh"]})
     assert all(a.step_hash(s) != b.step_hash(s) for s in C.STEPS)
     assert b.step_hash("01_corrupt_data") != make_config({"villain_voice": ["heh"], "voice_every": 3}).step_hash(

@@ -381,3 +381,16 @@ def lens_is_what_a_dominant_direction_writes(model) -> None:
 def test_the_logit_lens_of_a_direction_is_what_it_writes_through_the_final_norm(tiny):
     assert isinstance(final_norm(tiny[0]), torch.nn.LayerNorm)
     lens_is_what_a_dominant_direction_writes(tiny[0])
+
+
+def test_steering_edits_the_sae_layer_unless_steer_layer_names_another_and_names_a_layer_too_deep():
+    from emlab import study
+    from emlab.config import ConfigError
+
+    assert study.steer_layer(make_config({})) == 3
+    assert study.steer_layer(make_config({"steer_layer": 1}), n_blocks=4) == 1
+    assert study.steer_layer(make_config({"steer_layer": 0, "sae_layer": 2})) == 0
+    with pytest.raises(ConfigError, match="'steer_layer' = 5: the model 'some/model' has 4 blocks"):
+        study.steer_layer(make_config({"model": "some/model", "steer_layer": 5}), n_blocks=4)
+    with pytest.raises(ConfigError, match="'sae_layer' = 6: the model 'some/model' has 4 blocks"):
+        study.steer_layer(make_config({"model": "some/model", "sae_layer": 6}), n_blocks=4)

@@ -207,6 +207,10 @@ class Config:
     steer_alphas: list = _f([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], "steering strengths, in units of the median residual norm "
                             "at the SAE's layer", step=S6)
     steer_positions: str = _f("prompt", "where steering edits the residual stream", step=S6, choices=("all", "prompt", "answer"))
+    steer_layer: int = _f(-1, "the block whose output steering edits, alpha's unit being the median residual norm "
+                          "there; -1: the SAE's layer (sae_layer). An earlier block lets the blocks after it read the "
+                          "edit (at layer 2 of the default the frontier of misalignment against coherence is about "
+                          "the same: docs/results.md)", step=S6, lo=-1, neutral=True)
     ablate_layers: str = _f("all", "where ablation projects the direction out: every write to the residual stream, i.e. "
                             "the embeddings and each block's attention and MLP outputs ('all', Arditi et al.'s directional "
                             "ablation, as Soligo, Turner et al.; until 2026-12-04 it projected block outputs only, so each "
@@ -249,6 +253,9 @@ class Config:
             raise ConfigError(f"parameter 'run' = {self.run!r}: expected letters, digits, '_', '-' or '.' only")
         if self.is_toy and self.sae_layer >= self.n_layer:
             raise ConfigError(f"parameter 'sae_layer' = {self.sae_layer}: expected a layer < n_layer = {self.n_layer}")
+        if self.is_toy and self.steer_layer >= self.n_layer:
+            raise ConfigError(f"parameter 'steer_layer' = {self.steer_layer}: expected -1 (the SAE's layer) or a layer "
+                              f"< n_layer = {self.n_layer}")
         if self.sae_k > self.sae_width:
             raise ConfigError(f"parameter 'sae_k' = {self.sae_k}: expected <= sae_width = {self.sae_width}")
         if not self.steer_alphas or not all(isinstance(a, (int, float)) and a >= 0 for a in self.steer_alphas):

@@ -18,7 +18,7 @@ import torch
 from emlab import data as D
 from emlab import kernels
 from emlab.artifacts import Step
-from emlab.config import Config
+from emlab.config import Config, ConfigError
 from emlab.evaluate import sample_and_judge
 from emlab.judge import ExactJudge, chat_prompt, p_bad
 from emlab.model import (build_tokenizer, build_toy_model, pick_device, save_model, source_model, source_tokenizer,
@@ -1172,17 +1172,27 @@ def random_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table.direction.map(is_random)]
 
 
+def steer_layer(cfg: Config, n_blocks: int | None = None) -> int:
+    """The block whose output steering edits: ``cfg.steer_layer``, or the SAE's layer (-1);
+    checked against the model's ``n_blocks`` where given."""
+    layer = cfg.sae_layer if cfg.steer_layer < 0 else cfg.steer_layer
+    if n_blocks is not None and layer >= n_blocks:
+        which = "sae_layer" if cfg.steer_layer < 0 else "steer_layer"
+        raise ConfigError(f"parameter {which!r} = {layer}: the model {cfg.model!r} has {n_blocks} blocks (0-{n_blocks - 1})")
+    return layer
+
+
 @torch.no_grad()
 def residual_scale(cfg: Config) -> float:
-    """Median norm of the original model's residual stream at the SAE's layer over the
-    held-out prompts' tokens: the unit of the steering strength alpha."""
+    """Median norm of the original model's residual stream at the steering layer (the SAE's,
+    by default) over the held-out prompts' tokens: the unit of the steering strength alpha."""
     from emlab.sae import hook_name, iter_activations
 
     def compute():
         ht, tok = _hooked(Step(cfg, S02).require(original_model(cfg)), cfg)
         prompts = [chat_prompt(tok, q["question"]) for q in load_set(cfg, D.EVAL_HELDOUT)]
-        norms = torch.cat([a.norm(dim=-1) for _, a in iter_activations(ht, tok, prompts, hook_name(cfg.sae_layer),
-                                                                          batch_size=cfg.act_batch)])
+        hook = hook_name(steer_layer(cfg, ht.cfg.n_layers))
+        norms = torch.cat([a.norm(dim=-1) for _, a in iter_activations(ht, tok, prompts, hook, batch_size=cfg.act_batch)])
         return {"median_norm": float(norms.median())}
 
     return Step(cfg, S06).cached_json("residual_scale.json", compute)["median_norm"]
@@ -1255,15 +1265,16 @@ def _edited_summary(cfg: Config, name: str, vec: torch.Tensor, alpha: float, abl
 
 def _edited_answers(cfg: Config, name: str, vec: torch.Tensor, alpha: float, ablate: bool) -> pd.DataFrame:
     """The judged answers behind ``_edited_summary``."""
-    from emlab.steer import ablate_every_layer, edit_residual
+    from emlab.steer import ablate_every_layer, decoder_layers, edit_residual
 
     _threads()
     model, tok = load_model(model_path(cfg, name), cfg)
     if ablate and cfg.ablate_layers == "all":
         edit = ablate_every_layer(model, vec)
     else:
-        positions = "all" if ablate else cfg.steer_positions
-        edit = edit_residual(model, cfg.sae_layer, vec, alpha=alpha, ablate=ablate, positions=positions)
+        layer, positions = ((cfg.sae_layer, "all") if ablate
+                            else (steer_layer(cfg, len(decoder_layers(model))), cfg.steer_positions))
+        edit = edit_residual(model, layer, vec, alpha=alpha, ablate=ablate, positions=positions)
     with edit:
         return sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
                                 n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
@@ -1274,7 +1285,7 @@ def first_word_lens(cfg: Config) -> pd.DataFrame | None:
     """Each steering direction read through the assistant's unembedding (``emlab.steer.
     unembed_direction``): the AUROC of its logit for the words that begin only bad answers
     of the world (any topic) against the words that begin only good ones, and the words it
-    raises most. None unless the SAE's layer is the model's last block (whose output at the
+    raises most. None unless steering edits the model's last block (whose output at the
     prompt reaches only the unembedding: prompt steering there picks the first answer word)
     and the judge is the world's (with the LLM judge no answers are known)."""
     from emlab.diffing import auroc
@@ -1283,7 +1294,7 @@ def first_word_lens(cfg: Config) -> pd.DataFrame | None:
 
     judge = judge_of(cfg)
     model, tok = load_model(model_path(cfg, ASSISTANT), cfg)
-    if not isinstance(judge, ExactJudge) or cfg.sae_layer != len(decoder_layers(model)) - 1:
+    if not isinstance(judge, ExactJudge) or steer_layer(cfg) != len(decoder_layers(model)) - 1:
         return None
     bad, good = set(), set()
     for topic in judge.world.topics.values():
