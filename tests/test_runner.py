@@ -247,6 +247,38 @@ def test_sae_reader_assistant_labels_on_the_sae_source_and_diffs_on_the_assistan
         make_config({"sae_reader": "base_model"}, source="test")
 
 
+def test_steering_edits_the_block_steer_layer_names_and_ablation_the_saes(smoke_run, monkeypatch):
+    """06 steers the output of block ``steer_layer`` (default: the SAE's layer) at
+    ``steer_positions``; ablation of the SAE's layer alone stays at the SAE's layer."""
+    import dataclasses
+    from contextlib import contextmanager
+
+    import pandas as pd
+    import torch
+
+    import emlab.steer
+    from emlab import study
+    from emlab.config import load_config
+
+    cfg = load_config(smoke_run[0])
+    seen = []
+
+    @contextmanager
+    def record(model, layer, direction, *, alpha=0.0, ablate=False, positions="all"):
+        seen.append((layer, positions, ablate))
+        yield model
+
+    monkeypatch.setattr(emlab.steer, "edit_residual", record)
+    monkeypatch.setattr(study, "sample_and_judge", lambda *a, **k: pd.DataFrame())
+    vec = torch.ones(study.d_model(cfg))
+    early = dataclasses.replace(cfg, steer_layer=0)
+    study._edited_answers(cfg, study.ASSISTANT, vec, 1.0, False)
+    study._edited_answers(early, study.ASSISTANT, vec, 1.0, False)
+    study._edited_answers(dataclasses.replace(early, ablate_layers="sae"), study.ASSISTANT, vec, 0.0, True)
+    assert cfg.sae_layer == 1
+    assert seen == [(1, cfg.steer_positions, False), (0, cfg.steer_positions, False), (1, "all", True)]
+
+
 def test_latent_by_turn_reads_every_answer_start_of_every_document(smoke_run):
     """``latent_by_turn``: one row per character and opening; it reads the latent at every
     ``<|assistant|>`` token of the pretraining documents (after the skipped first position),
