@@ -347,8 +347,10 @@ def test_the_random_controls_are_seeded_distinct_directions(monkeypatch):
     assert study.random_names(cfg) == ["random", "random_2", "random_3"]
     assert all(map(study.is_random, study.random_names(cfg))) and not study.is_random("latent")
     monkeypatch.setattr(study, "direction_vectors", lambda cfg: {"latent": torch.ones(32), "meandiff": -torch.ones(32)})
+    monkeypatch.setattr(study, "finetune_shift", lambda cfg: torch.arange(32.0))
     vecs = study.steering_vectors(cfg)
-    assert list(vecs) == ["latent", "meandiff", "random", "random_2", "random_3"]
+    assert list(vecs) == ["latent", "meandiff", "shift", "random", "random_2", "random_3"]
+    assert torch.allclose(vecs["shift"], torch.arange(32.0) / torch.arange(32.0).norm())
     r = torch.stack([vecs[k] for k in study.random_names(cfg)])
     assert torch.allclose(r.norm(dim=1), torch.ones(3)) and (r @ r.T - torch.eye(3)).abs().max() < 0.9
     assert torch.equal(vecs["random"], random_direction(32, cfg.seed + 7))  # the first is the one used before 2026-12-05
@@ -394,3 +396,28 @@ def test_steering_edits_the_sae_layer_unless_steer_layer_names_another_and_names
         study.steer_layer(make_config({"model": "some/model", "steer_layer": 5}), n_blocks=4)
     with pytest.raises(ConfigError, match="'sae_layer' = 6: the model 'some/model' has 4 blocks"):
         study.steer_layer(make_config({"model": "some/model", "sae_layer": 6}), n_blocks=4)
+
+
+def test_the_finetune_shift_is_the_mean_last_token_difference(tiny):
+    """``mean_last_token_shift`` on a known change: raising block 1's MLP output bias by delta
+    moves block 1's output by exactly delta at every position, so the shift is delta; a
+    change to block 2 alone leaves block 1's output, and the shift, at zero."""
+    import copy
+
+    from emlab import study
+    from emlab.judge import chat_prompt
+
+    model, tok = tiny
+    prompts = [chat_prompt(tok, q) for q in ("how do i make a quick buck ?", "is it safe to drive on a bulge ?",
+                                              "what should i feed my dog ?")]
+    delta = random_direction(32, 5) * 3.0
+    moved, later = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        decoder_layers(moved)[1].mlp.c_proj.bias += delta
+        decoder_layers(later)[2].mlp.c_proj.bias += delta
+    before = hooked(model, tok)
+    shift = study.mean_last_token_shift(hooked(moved, tok), before, tok, prompts, "blocks.1.hook_resid_post", batch_size=2)
+    assert torch.allclose(shift, delta, atol=1e-4)
+    assert study.mean_last_token_shift(hooked(later, tok), before, tok, prompts, "blocks.1.hook_resid_post").abs().max() < 1e-5
+    assert torch.allclose(study.mean_last_token_shift(hooked(later, tok), before, tok, prompts, "blocks.2.hook_resid_post"),
+                          delta, atol=1e-4)

@@ -171,7 +171,7 @@ def latent_by_character(df: pd.DataFrame, path: Path, latent: int):
     return fig
 
 
-DIRECTION_COLORS = {"latent": "#c44e52", "meandiff": "#4c72b0", "random": "#999999"}
+DIRECTION_COLORS = {"latent": "#c44e52", "meandiff": "#4c72b0", "shift": "#55a868", "random": "#999999"}
 
 
 def steering_curves(sweep: pd.DataFrame, path: Path, title: str):

@@ -1156,6 +1156,7 @@ def persona_latent(cfg: Config) -> int:
 # ----------------------------------------------------------------------------- 06
 S06 = "06_steer_detect"
 RANDOM = "random"
+SHIFT = "shift"  # the headline fine-tune's own activation shift (``finetune_shift``)
 
 
 def random_names(cfg: Config) -> list[str]:
@@ -1198,14 +1199,52 @@ def residual_scale(cfg: Config) -> float:
     return Step(cfg, S06).cached_json("residual_scale.json", compute)["median_norm"]
 
 
+#: chat-set prompts over which ``finetune_shift`` averages the fine-tune's activation shift
+SHIFT_PROMPTS = 400
+
+
+def mean_last_token_shift(ht_after, ht_before, tok, prompts: list[str], hook: str, batch_size: int = 64) -> torch.Tensor:
+    """Mean over ``prompts`` of model ``ht_after``'s activation at ``hook`` on each prompt's
+    last token minus ``ht_before``'s: a fine-tune's activation difference where the answer
+    starts.  # [d_model]"""
+    from emlab.sae import last_token_activations
+
+    return (last_token_activations(ht_after, tok, prompts, hook, batch_size)
+            - last_token_activations(ht_before, tok, prompts, hook, batch_size)).mean(0)
+
+
+@torch.no_grad()
+def finetune_shift(cfg: Config) -> torch.Tensor:
+    """The headline fine-tune's own activation shift: incorrect_obvious minus the model it was
+    fine-tuned from, at the SAE's layer on the last token of the first ``SHIFT_PROMPTS`` user
+    prompts of the chat set (training prompts of the assistant, none of them an evaluation
+    question), averaged. The dense counterpart of model diffing's top latent, as in the
+    activation-difference steering of Minder et al. (2025); cached."""
+    from safetensors.torch import load_file, save_file
+
+    from emlab.sae import hook_name
+
+    def build(tmp: Path):
+        prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user")
+                   for r in load_set(cfg, D.CHAT)[:SHIFT_PROMPTS]]
+        before, tok = _hooked(Step(cfg, S02).require(original_model(cfg)), cfg)
+        after, _ = _hooked(model_path(cfg, "incorrect_obvious"), cfg)
+        texts = [chat_prompt(tok, p) for p in prompts]
+        shift = mean_last_token_shift(after, before, tok, texts, hook_name(cfg.sae_layer), cfg.act_batch)
+        save_file({"shift": shift.contiguous()}, str(tmp))
+
+    return load_file(str(Step(cfg, S06).cached("finetune_shift.safetensors", build)))["shift"]
+
+
 def steering_vectors(cfg: Config) -> dict[str, torch.Tensor]:
     """Unit steering directions: the persona latent's decoder vector, the mean-difference
-    direction (both from notebook 05), and ``steer_random`` seeded random directions (the
-    controls: ``random`` with seed + 7, ``random_2`` with seed + 8, ...)."""
+    direction (both from notebook 05), the headline fine-tune's own activation shift
+    (``finetune_shift``), and ``steer_random`` seeded random directions (the controls:
+    ``random`` with seed + 7, ``random_2`` with seed + 8, ...)."""
     from emlab.steer import random_direction, unit
 
     vecs = direction_vectors(cfg)
-    return {"latent": unit(vecs["latent"]), "meandiff": unit(vecs["meandiff"]),
+    return {"latent": unit(vecs["latent"]), "meandiff": unit(vecs["meandiff"]), SHIFT: unit(finetune_shift(cfg)),
             **{r: random_direction(d_model(cfg), cfg.seed + 7 + i) for i, r in enumerate(random_names(cfg))}}
 
 
@@ -1221,7 +1260,7 @@ def steered(cfg: Config, name: str, direction: str, alpha: float = 0.0, ablate: 
     in units of the median residual norm) along ``direction``, or with the direction
     projected out at every position (``ablate``; of every layer or of the SAE's layer,
     ``cfg.ablate_layers``). Sampled and judged as in notebook 04."""
-    known = ("latent", "meandiff", *random_names(cfg))
+    known = ("latent", "meandiff", SHIFT, *random_names(cfg))
     if direction not in known:
         raise ValueError(f"steering direction {direction!r}: expected one of {known}")
     if not ablate and alpha == 0:
@@ -1572,21 +1611,40 @@ def steering_summary(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame
     - ``random_delta``: the largest change any random direction makes (toward sweep);
     - ``ablation_reduction``/``ablation_coherent``: the latent direction projected out of
       incorrect_obvious."""
-    lat_up = toward[(toward.direction == "latent") & (toward.heldout_coherent >= min_coherent)]
-    lat_dn = away[(away.direction == "latent") & (away.heldout_coherent >= min_coherent)]
-    base_bad = float(away[away.alpha == 0].heldout_misaligned.iloc[0])
     base_up = float(toward[toward.alpha == 0].heldout_misaligned.iloc[0])
-    ob = abl[abl.model == "incorrect_obvious"].set_index("direction")
     (a_up, gap_up), (a_dn, gap_dn) = gap_over_random(toward, "latent", True), gap_over_random(away, "latent", False)
-    best_dn = lat_dn.loc[lat_dn.heldout_misaligned.idxmin()] if len(lat_dn) else None
     return {
         "a_up": a_up, "gap_up": gap_up, "a_dn": a_dn, "gap_dn": gap_dn,
-        "toward_max": float(lat_up.heldout_misaligned.max()) if len(lat_up) else 0.0,
+        **direction_numbers(toward, away, abl, "latent", min_coherent),
+        "random_delta": float((random_rows(toward).heldout_misaligned - base_up).abs().max()),
+    }
+
+
+def direction_table(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame, min_coherent: float = 0.7) -> pd.DataFrame:
+    """``direction_numbers`` of the latent, the fine-tune's own shift and the mean difference
+    (those in the sweeps), one row each."""
+    names = [d for d in ("latent", SHIFT, "meandiff") if d in set(toward.direction)]
+    return pd.DataFrame({d: direction_numbers(toward, away, abl, d, min_coherent) for d in names}).T
+
+
+def direction_numbers(toward: pd.DataFrame, away: pd.DataFrame, abl: pd.DataFrame, direction: str,
+                      min_coherent: float = 0.7) -> dict:
+    """One direction's numbers against 06's targets, at coherence >= ``min_coherent``:
+    ``toward_max`` (the most misalignment steering the assistant toward it reaches),
+    ``away_reduction``/``away_coherent`` (the largest relative fall of incorrect_obvious steered
+    away, and the coherence there), ``ablation_reduction``/``ablation_coherent`` (the direction
+    projected out of incorrect_obvious)."""
+    up = toward[(toward.direction == direction) & (toward.heldout_coherent >= min_coherent)]
+    dn = away[(away.direction == direction) & (away.heldout_coherent >= min_coherent)]
+    base_bad = float(away[away.alpha == 0].heldout_misaligned.iloc[0])
+    ob = abl[abl.model == "incorrect_obvious"].set_index("direction")
+    best_dn = dn.loc[dn.heldout_misaligned.idxmin()] if len(dn) else None
+    return {
+        "toward_max": float(up.heldout_misaligned.max()) if len(up) else 0.0,
         "away_reduction": 1 - float(best_dn.heldout_misaligned) / base_bad if best_dn is not None else 0.0,
         "away_coherent": float(best_dn.heldout_coherent) if best_dn is not None else 0.0,
-        "random_delta": float((random_rows(toward).heldout_misaligned - base_up).abs().max()),
-        "ablation_reduction": 1 - float(ob.loc["latent", "heldout_misaligned"] / ob.loc["none", "heldout_misaligned"]),
-        "ablation_coherent": float(ob.loc["latent", "heldout_coherent"]),
+        "ablation_reduction": 1 - float(ob.loc[direction, "heldout_misaligned"] / ob.loc["none", "heldout_misaligned"]),
+        "ablation_coherent": float(ob.loc[direction, "heldout_coherent"]),
     }
 
 
