@@ -205,7 +205,7 @@ class Config:
                         "are latents of the prompts' first words)", step=S5, choices=("prompt", "answer"))
     # --- 06: steering and detection ----------------------------------------------------------
     steer_alphas: list = _f([0.0, 0.25, 0.5, 0.75, 1.0, 1.5], "steering strengths, in units of the median residual norm "
-                            "at the SAE's layer", step=S6)
+                            "at the block steering edits (steer_layer; by default the SAE's layer)", step=S6)
     steer_positions: str = _f("prompt", "where steering edits the residual stream", step=S6, choices=("all", "prompt", "answer"))
     steer_layer: int = _f(-1, "the block whose output steering edits, alpha's unit being the median residual norm "
                           "there; -1: the SAE's layer (sae_layer). An earlier block lets the blocks after it read the "
