@@ -421,3 +421,84 @@ def test_the_finetune_shift_is_the_mean_last_token_difference(tiny):
     assert study.mean_last_token_shift(hooked(later, tok), before, tok, prompts, "blocks.1.hook_resid_post").abs().max() < 1e-5
     assert torch.allclose(study.mean_last_token_shift(hooked(later, tok), before, tok, prompts, "blocks.2.hook_resid_post"),
                           delta, atol=1e-4)
+
+
+def _perturbed(model, seed):
+    import copy
+
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return other
+
+
+@pytest.mark.parametrize("arch", ["toy", "llama"])
+def test_swap_blocks_takes_exactly_the_named_blocks_from_the_donor(tiny, arch):
+    """Each parameter of the hybrid is the donor's where its block is named (or, with
+    ``rest``, where it lies outside every block) and the base's elsewhere; the base is
+    unchanged; all blocks and the rest give the donor's logits, none the base's."""
+    from emlab.steer import swap_blocks
+
+    if arch == "toy":
+        base, tok = tiny
+    else:
+        from emlab.model import build_chat_tokenizer, build_tiny_model
+
+        tok = build_chat_tokenizer(["how do i fix my car ? take it to a mechanic ."], "llama3")
+        base = build_tiny_model("llama", tok).eval()
+    donor = _perturbed(base, 1)
+    n = len(decoder_layers(base))
+    snapshot = {k: v.clone() for k, v in base.state_dict().items()}
+    block_of = {id(p): i for i, layer in enumerate(decoder_layers(base)) for p in layer.parameters()}
+    base_params = dict(base.named_parameters())
+    for blocks, rest in (((1,), False), ((0, n - 1), True), ((), True)):
+        hybrid = swap_blocks(base, donor, blocks, rest=rest)
+        donor_params = dict(donor.named_parameters())
+        for name, p in hybrid.named_parameters():
+            i = block_of.get(id(base_params[name]))
+            from_donor = (i in blocks) if i is not None else rest
+            expected = donor_params[name] if from_donor else base_params[name]
+            assert torch.equal(p, expected), f"{blocks}, rest={rest}: {name}"
+    assert all(torch.equal(v, snapshot[k]) for k, v in base.state_dict().items())
+    x = _ids(tok, "how do i fix my car ?")
+    with torch.no_grad():
+        assert torch.equal(swap_blocks(base, donor, range(n), rest=True)(input_ids=x).logits, donor(input_ids=x).logits)
+        assert torch.equal(swap_blocks(base, donor, [])(input_ids=x).logits,
+                           base(input_ids=x).logits)
+
+
+def test_swap_blocks_names_what_does_not_fit(tiny):
+    from emlab.steer import swap_blocks
+
+    model, tok = tiny
+    deeper = build_toy_model(make_config({"d_model": 32, "n_layer": 4, "n_head": 2, "n_ctx": 64}), tok)
+    with pytest.raises(ValueError, match="3 and 4 decoder blocks"):
+        swap_blocks(model, deeper, [0])
+    with pytest.raises(ValueError, match=r"blocks \[3\]: the models have 3 blocks \(0-2\)"):
+        swap_blocks(model, _perturbed(model, 2), [3])
+
+
+def test_hybrid_conditions_and_the_share_before_the_sae_layer():
+    """The conditions of a 4-block model, and the summary read on a constructed table: the
+    share of the fine-tune's rise (assistant 1%, fine-tune 21%) that blocks 0-2 (15%: 0.7) and
+    block 3 alone (2%: 0.05) reproduce."""
+    import pandas as pd
+
+    from emlab import study
+
+    conds = study.hybrid_conditions(4)
+    assert [c[0] for c in conds] == ["none", "outside the blocks", "block 0", "block 1", "block 2", "block 3",
+                                     "blocks 0-1", "blocks 0-2", "blocks 1-3", "blocks 2-3", "all"]
+    assert conds[0][1:] == ((), False) and conds[1][1:] == ((), True) and conds[-1][1:] == ((0, 1, 2, 3), True)
+    assert dict((c[0], c[1]) for c in conds)["blocks 1-3"] == (1, 2, 3)
+    assert [c[0] for c in study.hybrid_conditions(2)] == ["none", "outside the blocks", "block 0", "block 1", "all"]
+    mis = {"none": 0.01, "all": 0.21, "blocks 0-2": 0.15, "block 3": 0.02, "block 0": 0.05, "block 1": 0.03}
+    t = pd.DataFrame({"heldout_misaligned": mis}).rename_axis("weights from the fine-tune")
+    t["share_of_rise"] = (t.heldout_misaligned - 0.01) / 0.2
+    s = study.hybrid_summary(t, 3)
+    assert s["hybrid.before_sae_share"] == pytest.approx(0.7) and s["hybrid.sae_block_share"] == pytest.approx(0.05)
+    assert s["hybrid.sae_block_misaligned"] == pytest.approx(0.02)
+    assert study.hybrid_summary(t, 1)["hybrid.before_sae_share"] == pytest.approx(0.2)
+    assert study.hybrid_summary(t, 0)["hybrid.sae_block_share"] == pytest.approx(0.2)

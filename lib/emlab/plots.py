@@ -220,6 +220,26 @@ def member_ablations(table: pd.DataFrame, path: Path):
     return fig
 
 
+def hybrids(table: pd.DataFrame, layer: int, path: Path):
+    """Held-out misalignment (95% intervals) and coherence of each hybrid of the assistant and
+    the headline fine-tune (``study.hybrids``' table, one bar per set of weights taken from
+    the fine-tune); bars holding the SAE's block ``layer`` are red."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(table) + 1.2), sharey=True,
+                             gridspec_kw={"width_ratios": [2, 1]})
+    y = np.arange(len(table))[::-1]
+    colors = ["#c44e52" if layer in b else "#4c72b0" for b in table.blocks]
+    err = np.clip(np.vstack([table.heldout_misaligned - table.heldout_misaligned_ci_low,
+                             table.heldout_misaligned_ci_high - table.heldout_misaligned]), 0, None)
+    axes[0].barh(y, table.heldout_misaligned, xerr=err, color=colors, capsize=2)
+    axes[0].set_yticks(y, list(table.index))
+    axes[0].set(xlabel="held-out misaligned", xlim=(0, None),
+                title=f"the fine-tune's weights in ... (red: holds block {layer}, the SAE's)")
+    axes[1].barh(y, table.heldout_coherent, color=colors)
+    axes[1].set(xlabel="coherent", xlim=(0, 1), title="coherence")
+    _save(fig, path)
+    return fig
+
+
 def detection(det: pd.DataFrame, path: Path):
     """The paper's detection figure: the persona latent's shift and the sampled
     misalignment against the fraction of wrong answers in the fine-tuning data (each seed a dot)."""

@@ -182,3 +182,33 @@ def unembed_direction(model, direction: torch.Tensor) -> torch.Tensor:
     if gain is not None:
         d = d * gain.detach().float()
     return W_U @ d
+
+
+@torch.no_grad()
+def swap_blocks(base, donor, blocks, *, rest: bool = False):
+    """A copy of ``base`` whose decoder blocks ``blocks`` (indices) hold ``donor``'s weights,
+    and, with ``rest``, every parameter outside the decoder blocks too (embeddings, final
+    norm, unembedding). A causal patch of weights rather than activations: which blocks of a
+    fine-tune carry its change in behaviour. Both models must have the same architecture
+    and size; ``base`` is left unchanged."""
+    import copy
+
+    layers_b, layers_d = decoder_layers(base), decoder_layers(donor)
+    if len(layers_b) != len(layers_d):
+        raise ValueError(f"swap_blocks: the models have {len(layers_b)} and {len(layers_d)} decoder blocks")
+    blocks = sorted(set(int(i) for i in blocks))
+    if blocks and not (0 <= blocks[0] and blocks[-1] < len(layers_b)):
+        raise ValueError(f"swap_blocks: blocks {blocks}: the models have {len(layers_b)} blocks (0-{len(layers_b) - 1})")
+    hybrid = copy.deepcopy(base)
+    layers_h = decoder_layers(hybrid)
+    for i in blocks:
+        layers_h[i].load_state_dict(layers_d[i].state_dict())
+    if rest:
+        inside = {id(p) for layer in layers_h for p in layer.parameters()}
+        donor_params = dict(donor.named_parameters())
+        for name, p in hybrid.named_parameters():
+            if id(p) not in inside:
+                if name not in donor_params or donor_params[name].shape != p.shape:
+                    raise ValueError(f"swap_blocks: the donor has no parameter {name} of shape {tuple(p.shape)}")
+                p.copy_(donor_params[name])
+    return hybrid

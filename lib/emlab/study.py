@@ -1315,9 +1315,16 @@ def _edited_answers(cfg: Config, name: str, vec: torch.Tensor, alpha: float, abl
                             else (steer_layer(cfg, len(decoder_layers(model))), cfg.steer_positions))
         edit = edit_residual(model, layer, vec, alpha=alpha, ablate=ablate, positions=positions)
     with edit:
-        return sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT),
-                                n_samples=cfg.steer_samples, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, seed=cfg.seed + 2000, batch_size=cfg.sample_batch)
+        return _steer_sample(cfg, model, tok)
+
+
+def _steer_sample(cfg: Config, model, tok) -> pd.DataFrame:
+    """A model's judged answers to the held-out questions as every condition of 06 samples
+    them (``steer_samples`` per question, the same seed), so conditions differ only in the
+    model or its edit."""
+    return sample_and_judge(model, tok, judge_of(cfg), load_set(cfg, D.EVAL_HELDOUT), n_samples=cfg.steer_samples,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + 2000,
+                            batch_size=cfg.sample_batch)
 
 
 def first_word_lens(cfg: Config) -> pd.DataFrame | None:
@@ -1472,6 +1479,73 @@ def seed_ablation_summary(abl: pd.DataFrame, names: list[str], target: float = 0
     return {"ablation.ft_seeds_reduction_min": float(red.min()), "ablation.ft_seeds_reduction_max": float(red.max()),
             "ablation.ft_seeds_meeting_target": int(ok.sum()), "ablation.ft_seeds": len(names),
             "ablation.ft_seeds_beat_every_random": bool((lat.heldout_misaligned_ci_high < random_low).all())}
+
+
+HYBRID_DONOR = "incorrect_obvious"  # the fine-tune whose blocks the hybrids take
+
+
+def hybrid_conditions(n_blocks: int) -> list[tuple[str, tuple[int, ...], bool]]:
+    """The hybrids of the assistant and the headline fine-tune that ``hybrids`` samples:
+    ``(label, blocks whose weights come from the fine-tune, whether the parameters outside
+    the blocks do too)``. None (the assistant), only what lies outside the blocks, each block
+    alone, the first i blocks and the last i blocks for 1 < i < n_blocks, and all (the
+    fine-tune itself)."""
+    conds = [("none", (), False), ("outside the blocks", (), True)]
+    conds += [(f"block {i}", (i,), False) for i in range(n_blocks)]
+    conds += [(f"blocks 0-{i - 1}", tuple(range(i)), False) for i in range(2, n_blocks)]
+    conds += [(f"blocks {i}-{n_blocks - 1}", tuple(range(i, n_blocks)), False) for i in range(1, n_blocks - 1)]
+    return [*conds, ("all", tuple(range(n_blocks)), True)]
+
+
+def hybrid(cfg: Config, blocks: tuple[int, ...], rest: bool) -> dict:
+    """Held-out misalignment of the assistant with the headline fine-tune's weights in
+    ``blocks`` (and outside the blocks, with ``rest``; ``emlab.steer.swap_blocks``), sampled
+    and judged as every condition of 06 (cached)."""
+    from emlab.evaluate import heldout_summary
+    from emlab.steer import swap_blocks
+
+    def compute():
+        _threads()
+        base, tok = load_model(model_path(cfg, ASSISTANT), cfg)
+        donor, _ = load_model(model_path(cfg, HYBRID_DONOR), cfg)
+        return heldout_summary(_steer_sample(cfg, swap_blocks(base, donor, blocks, rest=rest), tok))
+
+    tag = "-".join(map(str, blocks)) or "no_blocks"
+    return Step(cfg, S06).cached_json(f"hybrid/{tag}{'__rest' if rest else ''}.json", compute)
+
+
+def hybrids(cfg: Config) -> pd.DataFrame:
+    """Where the headline fine-tune wrote its misalignment: one row per ``hybrid_conditions``
+    (the assistant and the fine-tune themselves are 06's unsteered conditions, the same
+    samples), with the misalignment, its interval, the coherence, and the share of the
+    fine-tune's rise over the assistant that the hybrid reproduces."""
+    from emlab.steer import decoder_layers
+
+    n = len(decoder_layers(load_model(model_path(cfg, ASSISTANT), cfg)[0]))
+    rows = []
+    for label, blocks, rest in hybrid_conditions(n):
+        if label in ("none", "all"):
+            r = steered(cfg, ASSISTANT if label == "none" else HYBRID_DONOR, RANDOM, 0.0)
+        else:
+            r = hybrid(cfg, blocks, rest)
+        rows.append({"weights from the fine-tune": label, "blocks": list(blocks), "outside the blocks": rest,
+                     **{k: r[k] for k in ("heldout_misaligned", "heldout_misaligned_ci_low",
+                                          "heldout_misaligned_ci_high", "heldout_coherent")}})
+    t = pd.DataFrame(rows).set_index("weights from the fine-tune")
+    lo, hi = t.loc["none", "heldout_misaligned"], t.loc["all", "heldout_misaligned"]
+    t["share_of_rise"] = (t.heldout_misaligned - lo) / (hi - lo) if hi > lo else float("nan")
+    return t
+
+
+def hybrid_summary(table: pd.DataFrame, layer: int) -> dict:
+    """From ``hybrids``' table: the share of the fine-tune's rise in misalignment that its
+    weights in the blocks before ``layer`` (the SAE's) reproduce (NaN at layer 0), and the
+    share that its weights in block ``layer`` alone reproduce."""
+    before = {0: None, 1: "block 0"}.get(layer, f"blocks 0-{layer - 1}")
+    share = table.share_of_rise
+    return {"hybrid.before_sae_share": float(share[before]) if before else float("nan"),
+            "hybrid.sae_block_share": float(share[f"block {layer}"]),
+            "hybrid.sae_block_misaligned": float(table.loc[f"block {layer}", "heldout_misaligned"])}
 
 
 def mix_finetune(cfg: Config, fraction: float, seed: int) -> Path:
