@@ -118,21 +118,12 @@ class _BufferLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.filled + query_length, 0
 
-    def repeat_rows(self, counts: list[int]) -> None:
-        """Row r of the batch becomes ``counts[r]`` consecutive rows. Only the filled
-        positions are copied (each prompt row broadcast into its block of rows), into new
-        buffers whose unfilled positions stay unwritten."""
+    def repeat_rows(self, counts: torch.Tensor) -> None:
+        """Row r of the batch becomes ``counts[r]`` consecutive rows."""
         if self.is_initialized:
-            self.key_buf, self.value_buf = (self._repeat(buf, counts) for buf in (self.key_buf, self.value_buf))
+            self.key_buf = self.key_buf.repeat_interleave(counts, 0)
+            self.value_buf = self.value_buf.repeat_interleave(counts, 0)
             self._views()
-
-    def _repeat(self, buf: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        new = buf.new_empty(sum(counts), *buf.shape[1:])
-        start = 0
-        for r, c in enumerate(counts):
-            new[start : start + c, :, : self.filled] = buf[r : r + 1, :, : self.filled]
-            start += c
-        return new
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Only the rows ``keep`` (indices) stay, in that order."""
@@ -148,7 +139,7 @@ class KVBuffer(Cache):
     def __init__(self, n_layers: int, max_len: int):
         super().__init__(layers=[_BufferLayer(max_len) for _ in range(n_layers)])
 
-    def repeat_rows(self, counts: list[int]) -> None:
+    def repeat_rows(self, counts: torch.Tensor) -> None:
         for layer in self.layers:
             layer.repeat_rows(counts)
 
@@ -192,7 +183,7 @@ def prefill(model, prompts: list[list[int]], counts: list[int], n_new: int, dev)
     res = model(input_ids=x, attention_mask=mask[:, :width] if padded else None, position_ids=pos, cache=cache,
                 use_cache=True, logits_to_keep=1)
     logits = res.logits[:, -1].float().repeat_interleave(counts_t, 0)  # [rows, vocab]
-    cache.repeat_rows(counts)
+    cache.repeat_rows(counts_t)
     return (logits, cache, mask.repeat_interleave(counts_t, 0), pos[:, -1:].repeat_interleave(counts_t, 0) + 1,
             padded, width)
 
