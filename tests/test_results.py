@@ -101,4 +101,4 @@ def test_every_notebook_asserts_its_findings_through_check_claims():
                     assert "assert_findings" not in ast.unparse(node.test), f"{book.name}: {ast.unparse(node)[:80]}"
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check_claims":
                     calls += 1
-    assert calls == 12  # 02: 3, 03: 2, 04: 1, 05: 3, 06: 2, 07: 1
+    assert calls == 13  # 02: 3, 03: 2, 04: 1, 05: 3, 06: 3, 07: 1
