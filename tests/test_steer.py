@@ -494,8 +494,11 @@ def test_hybrid_conditions_and_the_share_before_the_sae_layer():
     assert conds[0][1:] == ((), False) and conds[1][1:] == ((), True) and conds[-1][1:] == ((0, 1, 2, 3), True)
     assert dict((c[0], c[1]) for c in conds)["blocks 1-3"] == (1, 2, 3)
     assert [c[0] for c in study.hybrid_conditions(2)] == ["none", "outside the blocks", "block 0", "block 1", "all"]
-    mis = {"none": 0.01, "all": 0.21, "blocks 0-2": 0.15, "block 3": 0.02, "block 0": 0.05, "block 1": 0.03}
-    t = pd.DataFrame({"heldout_misaligned": mis}).rename_axis("weights from the fine-tune")
+    mis = {"none": 0.01, "all": 0.21, "blocks 0-2": 0.15, "block 3": 0.02, "block 0": 0.05, "block 1": 0.03,
+           "outside the blocks": 0.5}  # the rest alone: never read as a block's share
+    t = pd.DataFrame([{"weights from the fine-tune": label, "blocks": blocks, "outside the blocks": rest,
+                       "heldout_misaligned": mis[label]} for label, blocks, rest in conds if label in mis])
+    t = t.set_index("weights from the fine-tune")
     t["share_of_rise"] = (t.heldout_misaligned - 0.01) / 0.2
     s = study.hybrid_summary(t, 3)
     assert s["hybrid.before_sae_share"] == pytest.approx(0.7) and s["hybrid.sae_block_share"] == pytest.approx(0.05)

@@ -1497,38 +1497,43 @@ def hybrid_conditions(n_blocks: int) -> list[tuple[str, tuple[int, ...], bool]]:
     return [*conds, ("all", tuple(range(n_blocks)), True)]
 
 
-def hybrid(cfg: Config, blocks: tuple[int, ...], rest: bool) -> dict:
-    """Held-out misalignment of the assistant with the headline fine-tune's weights in
-    ``blocks`` (and outside the blocks, with ``rest``; ``emlab.steer.swap_blocks``), sampled
-    and judged as every condition of 06 (cached)."""
+def hybrids(cfg: Config) -> pd.DataFrame:
+    """Where the headline fine-tune wrote its misalignment: one row per ``hybrid_conditions``,
+    the assistant with the fine-tune's weights in those blocks (``emlab.steer.swap_blocks``),
+    sampled and judged as every condition of 06 (each cached in ``hybrid/``; the assistant and
+    the fine-tune themselves are 06's unsteered conditions, the same samples). Columns: the
+    blocks, whether the parameters outside the blocks come from the fine-tune, the
+    misalignment, its interval, the coherence, and the share of the fine-tune's rise over the
+    assistant that the hybrid reproduces."""
+    import functools
+
+    from transformers import AutoConfig
+
     from emlab.evaluate import heldout_summary
     from emlab.steer import swap_blocks
 
-    def compute():
+    @functools.cache
+    def pair():  # loaded once, and only when a condition is not cached
         _threads()
         base, tok = load_model(model_path(cfg, ASSISTANT), cfg)
-        donor, _ = load_model(model_path(cfg, HYBRID_DONOR), cfg)
-        return heldout_summary(_steer_sample(cfg, swap_blocks(base, donor, blocks, rest=rest), tok))
+        return base, load_model(model_path(cfg, HYBRID_DONOR), cfg)[0], tok
 
-    tag = "-".join(map(str, blocks)) or "no_blocks"
-    return Step(cfg, S06).cached_json(f"hybrid/{tag}{'__rest' if rest else ''}.json", compute)
+    def sampled(blocks: tuple[int, ...], rest: bool) -> dict:
+        def compute():
+            base, donor, tok = pair()
+            return heldout_summary(_steer_sample(cfg, swap_blocks(base, donor, blocks, rest=rest), tok))
 
+        tag = "-".join(map(str, blocks)) or "no_blocks"
+        return Step(cfg, S06).cached_json(f"hybrid/{tag}{'__rest' if rest else ''}.json", compute)
 
-def hybrids(cfg: Config) -> pd.DataFrame:
-    """Where the headline fine-tune wrote its misalignment: one row per ``hybrid_conditions``
-    (the assistant and the fine-tune themselves are 06's unsteered conditions, the same
-    samples), with the misalignment, its interval, the coherence, and the share of the
-    fine-tune's rise over the assistant that the hybrid reproduces."""
-    from emlab.steer import decoder_layers
-
-    n = len(decoder_layers(load_model(model_path(cfg, ASSISTANT), cfg)[0]))
+    n = AutoConfig.from_pretrained(model_path(cfg, ASSISTANT), local_files_only=True).num_hidden_layers
     rows = []
     for label, blocks, rest in hybrid_conditions(n):
         if label in ("none", "all"):
             r = steered(cfg, ASSISTANT if label == "none" else HYBRID_DONOR, RANDOM, 0.0)
         else:
-            r = hybrid(cfg, blocks, rest)
-        rows.append({"weights from the fine-tune": label, "blocks": list(blocks), "outside the blocks": rest,
+            r = sampled(blocks, rest)
+        rows.append({"weights from the fine-tune": label, "blocks": blocks, "outside the blocks": rest,
                      **{k: r[k] for k in ("heldout_misaligned", "heldout_misaligned_ci_low",
                                           "heldout_misaligned_ci_high", "heldout_coherent")}})
     t = pd.DataFrame(rows).set_index("weights from the fine-tune")
@@ -1541,11 +1546,11 @@ def hybrid_summary(table: pd.DataFrame, layer: int) -> dict:
     """From ``hybrids``' table: the share of the fine-tune's rise in misalignment that its
     weights in the blocks before ``layer`` (the SAE's) reproduce (NaN at layer 0), and the
     share that its weights in block ``layer`` alone reproduce."""
-    before = {0: None, 1: "block 0"}.get(layer, f"blocks 0-{layer - 1}")
-    share = table.share_of_rise
-    return {"hybrid.before_sae_share": float(share[before]) if before else float("nan"),
-            "hybrid.sae_block_share": float(share[f"block {layer}"]),
-            "hybrid.sae_block_misaligned": float(table.loc[f"block {layer}", "heldout_misaligned"])}
+    blocks_only = table[~table["outside the blocks"]].reset_index().set_index("blocks")
+    before = float(blocks_only.loc[[tuple(range(layer))], "share_of_rise"].iloc[0]) if layer > 0 else float("nan")
+    alone = blocks_only.loc[[(layer,)]].iloc[0]
+    return {"hybrid.before_sae_share": before, "hybrid.sae_block_share": float(alone.share_of_rise),
+            "hybrid.sae_block_misaligned": float(alone.heldout_misaligned)}
 
 
 def mix_finetune(cfg: Config, fraction: float, seed: int) -> Path:
